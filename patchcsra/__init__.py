@@ -1,0 +1,28 @@
+"""patchcsra: training-free residual attention (CSRA) for any pretrained image classifier.
+
+    >>> import patchcsra
+    >>> model = patchcsra.load("timm:resnet50")          # or torchvision:NAME, or a file
+    >>> patched = patchcsra.patch(model, lam=0.2)        # model(x) + 0.2 * max_k head(x_k)
+    >>> patchcsra.describe(model)                        # what head was found
+"""
+from .errors import ExportError, HeadNotFoundError, PatchCSRAError, SourceError, TrustError
+from .heads import HeadInfo, HeadSplit, discover, list_adapters, register_adapter
+from .patch import PatchedClassifier, default_lam, describe, patch, residual_attention
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "load", "patch", "describe", "save_patched", "PatchedClassifier", "residual_attention",
+    "default_lam", "discover", "HeadInfo", "HeadSplit", "list_adapters", "register_adapter",
+    "PatchCSRAError", "SourceError", "TrustError", "HeadNotFoundError", "ExportError",
+]
+
+
+def __getattr__(name):  # lazy: loading/export pull in timm/torchvision/safetensors
+    if name == "load":
+        from .load import load
+        return load
+    if name == "save_patched":
+        from .export import save_patched
+        return save_patched
+    raise AttributeError(name)

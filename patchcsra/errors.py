@@ -1,0 +1,28 @@
+"""Errors raised by patchcsra.
+
+Every error is a one-line message that names the offending file, argument or model and says
+what to do instead. The CLI prints ``str(err)`` and exits non-zero; the Python API raises.
+"""
+from __future__ import annotations
+
+__all__ = ["PatchCSRAError", "SourceError", "TrustError", "HeadNotFoundError", "ExportError"]
+
+
+class PatchCSRAError(ValueError):
+    """Base class of every error patchcsra raises on bad input."""
+
+
+class SourceError(PatchCSRAError):
+    """A model source (spec, file, architecture, weights) cannot be loaded."""
+
+
+class TrustError(SourceError):
+    """A file would run code when loaded and the caller did not say it trusts it."""
+
+
+class HeadNotFoundError(PatchCSRAError):
+    """No adapter could split the model into features and a pooling classifier head."""
+
+
+class ExportError(PatchCSRAError):
+    """A patched model could not be written in the requested format."""

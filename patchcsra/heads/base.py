@@ -1,0 +1,317 @@
+"""HeadSplit: the one abstraction every classifier is reduced to, and the adapter registry.
+
+A classifier is ``features -> pooling -> head``. A :class:`HeadSplit` exposes three pieces:
+
+* ``forward_features(x)``  image batch ``(B, 3, H, W)`` -> feature tensor ``f`` in the model's
+  own layout: ``(B, D, H', W')`` (NCHW), ``(B, H', W', D)`` (NHWC) or ``(B, P + L, D)`` (NLC,
+  ``P`` prefix tokens such as class/distillation/register tokens, then ``L`` patch tokens).
+* ``forward_baseline(f)``  -> ``(B, C)``: the model's own logits (its pooling and head).
+* ``forward_single(v)``    ``(N, D)`` -> ``(N, C)``: the model's own head applied to a feature
+  set that holds one location only (the residual principle, DESIGN.md section 1).
+
+From these, ``forward_locations(f)`` gives the per-location class scores ``(B, C, L)``.
+
+Adapters register themselves with :func:`register_adapter`; :func:`discover` walks them in
+priority order and keeps the first split that passes validation (outputs equal to the model's
+own, pooling symmetric in the locations, single-location head consistent with a constant map).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import HeadNotFoundError
+
+__all__ = [
+    "HeadInfo", "HeadSplit", "Adapter", "register_adapter", "list_adapters", "discover",
+    "to_locations", "from_locations", "set_eval", "probe_input", "default_input_size", "allclose_logits",
+]
+
+_logger = logging.getLogger(__name__)
+
+LAYOUTS = ("NCHW", "NHWC", "NLC")
+
+
+@dataclass(frozen=True)
+class HeadInfo:
+    """What discovery found. Shapes refer to the probe input ``(2, *probe_input_size)``."""
+
+    adapter: str                      # adapter that split the model ('timm', 'fx', ...)
+    model_class: str                  # e.g. 'timm.models.resnet.ResNet'
+    kind: str                         # pooling + head modules, e.g. 'avg+Linear'
+    pooling: str                      # 'avg', 'max', 'avgmax', 'token', 'map', ...
+    layout: str                       # 'NCHW' | 'NHWC' | 'NLC'
+    num_prefix_tokens: int            # class/distillation/register tokens (NLC only)
+    num_locations: int                # L at the probe size
+    grid: Optional[tuple[int, int]]   # (H', W') of the feature map when known
+    feature_dim: int                  # D
+    num_classes: int                  # C
+    exact_linear: bool                # baseline == mean_k s_k (the paper's y_avg identity)
+    probe_input_size: tuple[int, int, int]
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["grid"] = list(self.grid) if self.grid else None
+        d["probe_input_size"] = list(self.probe_input_size)
+        d["notes"] = list(self.notes)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HeadInfo":
+        d = dict(d)
+        d["grid"] = tuple(d["grid"]) if d.get("grid") else None
+        d["probe_input_size"] = tuple(d["probe_input_size"])
+        d["notes"] = tuple(d.get("notes", ()))
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def to_locations(f: Tensor, layout: str, num_prefix_tokens: int = 0) -> Tensor:
+    """Feature tensor in ``layout`` -> locations ``(B, L, D)`` (prefix tokens dropped)."""
+    if layout == "NCHW":
+        return f.flatten(2).transpose(1, 2)
+    if layout == "NHWC":
+        return f.flatten(1, 2)
+    if layout == "NLC":
+        return f[:, num_prefix_tokens:]
+    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+def from_locations(t: Tensor, like: Tensor, layout: str, prefix: Optional[Tensor] = None) -> Tensor:
+    """Inverse of :func:`to_locations`: locations ``(B, L, D)`` -> tensor shaped like ``like``.
+
+    For NLC, ``prefix`` ``(B, P, D)`` is put back in front of the locations.
+    """
+    if layout == "NCHW":
+        return t.transpose(1, 2).reshape(like.shape)
+    if layout == "NHWC":
+        return t.reshape(like.shape)
+    if layout == "NLC":
+        return t if prefix is None or prefix.shape[1] == 0 else torch.cat([prefix, t], dim=1)
+    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+class HeadSplit(nn.Module):
+    """A classifier split into features, its own pooling head, and a single-location head.
+
+    Subclasses implement ``forward_features``, ``forward_baseline`` and ``forward_single``.
+    ``info`` is filled in by :func:`discover` after validation.
+    """
+
+    layout: str = "NCHW"
+    num_prefix_tokens: int = 0
+    pooling: str = "avg"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.info: Optional[HeadInfo] = None
+
+    def forward_features(self, x: Tensor) -> Tensor:  # (B, 3, H, W) -> f
+        raise NotImplementedError
+
+    def forward_baseline(self, f: Tensor) -> Tensor:  # f -> (B, C)
+        raise NotImplementedError
+
+    def forward_single(self, v: Tensor) -> Tensor:  # (N, D) -> (N, C)
+        raise NotImplementedError
+
+    def head_kind(self) -> str:
+        return self.pooling
+
+    def forward_locations(self, f: Tensor) -> Tensor:
+        """Per-location class scores ``s_k = head(x_k)``: f -> ``(B, C, L)``."""
+        t = to_locations(f, self.layout, self.num_prefix_tokens)
+        b, n, d = t.shape
+        s = self.forward_single(t.reshape(b * n, d))
+        return s.reshape(b, n, -1).transpose(1, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_baseline(self.forward_features(x))
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A way to split one family of models. ``build`` raises HeadNotFoundError with a reason."""
+
+    name: str
+    priority: int
+    matches: Callable[[nn.Module], bool]
+    build: Callable[[nn.Module, Tensor], Iterable[HeadSplit]]
+
+
+_ADAPTERS: dict[str, Adapter] = {}
+
+
+def register_adapter(name: str, *, priority: int, matches: Callable[[nn.Module], bool]):
+    """Decorator: register ``build(model, probe) -> iterable of candidate HeadSplits``.
+
+    Candidates are validated in order; the first that passes wins. Lower priority runs first.
+    """
+
+    def deco(build: Callable[[nn.Module, Tensor], Iterable[HeadSplit]]):
+        _ADAPTERS[name] = Adapter(name, priority, matches, build)
+        return build
+
+    return deco
+
+
+def list_adapters() -> list[Adapter]:
+    """Registered adapters in the order discovery tries them."""
+    from . import fx, timm, torchvision  # noqa: F401  (registration side effect)
+
+    return sorted(_ADAPTERS.values(), key=lambda a: (a.priority, a.name))
+
+
+def default_input_size(model: nn.Module) -> tuple[int, int, int]:
+    """``(3, H, W)`` from the model's pretrained config (timm style), else ``(3, 224, 224)``."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("input_size"):
+        c, h, w = cfg["input_size"][-3:]
+        return int(c), int(h), int(w)
+    src = getattr(model, "patchcsra_source", None)
+    if isinstance(src, dict) and src.get("input_size"):
+        return tuple(int(v) for v in src["input_size"])  # type: ignore[return-value]
+    return 3, 224, 224
+
+
+def probe_input(input_size: Sequence[int], batch: int = 2, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A deterministic probe batch ``(batch, C, H, W)`` (seeded normal noise)."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(batch, *input_size, generator=g, dtype=dtype)
+
+
+def allclose_logits(a: Tensor, b: Tensor, rel: float = 1e-5) -> bool:
+    """The λ=0 contract: ``max|a-b| <= rel * max(1, max|b|)``."""
+    if a.shape != b.shape:
+        return False
+    scale = max(1.0, float(b.abs().max())) if b.numel() else 1.0
+    return float((a.float() - b.float()).abs().max()) <= rel * scale if a.numel() else True
+
+
+def set_eval(model: nn.Module) -> nn.Module:
+    """``model.eval()``, tolerating modules that refuse mode changes (``torch.export`` modules)."""
+    try:
+        model.eval()
+    except NotImplementedError:
+        pass
+    return model
+
+
+def _model_output(model: nn.Module, x: Tensor) -> Tensor:
+    y = model(x)
+    if isinstance(y, (tuple, list)) and len(y) >= 1 and all(isinstance(t, Tensor) for t in y):
+        y = y[0]  # e.g. torchvision GoogLeNet/Inception named tuples in eval return a tensor
+    if not isinstance(y, Tensor):
+        raise HeadNotFoundError(
+            f"{type(model).__name__} returns {type(y).__name__}, not a logits tensor (B, C)")
+    return y
+
+
+def _validate(split: HeadSplit, model: nn.Module, x: Tensor, y: Tensor) -> tuple[bool, str, dict]:
+    """Check a candidate split on the probe. Returns (ok, reason, facts)."""
+    f = split.forward_features(x)
+    if not isinstance(f, Tensor):
+        return False, f"features are a {type(f).__name__}, not one tensor (multi-branch model)", {}
+    base = split.forward_baseline(f)
+    if not allclose_logits(base, y):
+        return False, "its pooling head applied to its features does not reproduce model(x)", {}
+    if y.ndim != 2:
+        return False, f"logits have shape {tuple(y.shape)}, expected (B, C)", {}
+    t = to_locations(f, split.layout, split.num_prefix_tokens)
+    if t.ndim != 3 or t.shape[1] < 2:
+        return False, (f"features of shape {tuple(f.shape)} hold {t.shape[1] if t.ndim == 3 else 0} "
+                       "spatial location(s); the patch needs a map (try a larger input_size)"), {}
+    b, n, d = t.shape
+    s = split.forward_locations(f)
+    if s.shape != (b, y.shape[1], n):
+        return False, f"per-location scores have shape {tuple(s.shape)}, expected {(b, y.shape[1], n)}", {}
+    prefix = f[:, : split.num_prefix_tokens] if split.layout == "NLC" else None
+    if n > 1:
+        # (a) global pooling is symmetric: permuting locations leaves the logits unchanged.
+        g = torch.Generator().manual_seed(1)
+        perm = torch.randperm(n, generator=g)
+        if torch.equal(perm, torch.arange(n)):
+            perm = perm.flip(0)
+        f_perm = from_locations(t[:, perm], f, split.layout, prefix)
+        if not allclose_logits(split.forward_baseline(f_perm), base, rel=1e-4):
+            return False, ("its head is not a global pooling (logits change when locations are "
+                           "permuted), so a per-location classifier is not defined"), {}
+        # (b) the single-location head equals the head on a map where every location is x_0.
+        v = t[:1, :1]
+        f_const = from_locations(v.expand(1, n, d), f[:1], split.layout,
+                                 v.expand(1, prefix.shape[1], d) if prefix is not None else None)
+        if not allclose_logits(split.forward_single(v[0]), split.forward_baseline(f_const), rel=1e-4):
+            return False, "its head on one location differs from its head on a constant map", {}
+    # linearity is a property of the head, not of the probe: test it on varied random features
+    g = torch.Generator().manual_seed(2)
+    t_rnd = (torch.randn(t.shape, generator=g, dtype=torch.float32) * max(float(t.float().std()), 1.0)
+             + t.float().mean()).to(t.dtype)
+    f_rnd = from_locations(t_rnd, f, split.layout, prefix)
+    exact_linear = allclose_logits(s.mean(-1), base, rel=1e-4) and allclose_logits(
+        split.forward_locations(f_rnd).mean(-1), split.forward_baseline(f_rnd), rel=1e-4)
+    grid = None
+    if split.layout == "NCHW":
+        grid = (int(f.shape[2]), int(f.shape[3]))
+    elif split.layout == "NHWC":
+        grid = (int(f.shape[1]), int(f.shape[2]))
+    facts = dict(num_locations=n, grid=grid, feature_dim=d, num_classes=int(y.shape[1]),
+                 exact_linear=exact_linear)
+    return True, "", facts
+
+
+def discover(model: nn.Module, *, input_size: Optional[Sequence[int]] = None) -> HeadSplit:
+    """Split ``model`` into features and head; raise HeadNotFoundError naming why if impossible.
+
+    Args:
+        model: any classifier ``(B, 3, H, W) -> (B, C)``; it is put in eval mode.
+        input_size: ``(C, H, W)`` of the probe used for validation; default from the model's
+            pretrained config, else ``(3, 224, 224)``.
+    """
+    set_eval(model)
+    size = tuple(int(v) for v in (input_size or default_input_size(model)))
+    x = probe_input(size)
+    name = f"{type(model).__module__}.{type(model).__qualname__}"
+    reasons: list[str] = []
+    with torch.no_grad():
+        try:
+            y = _model_output(model, x)
+        except HeadNotFoundError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure of the user's model on the probe
+            raise HeadNotFoundError(
+                f"{type(model).__name__}: forward on a probe of shape {tuple(x.shape)} failed "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                "pass input_size=(C, H, W) that the model accepts") from e
+        for adapter in list_adapters():
+            if not adapter.matches(model):
+                continue
+            try:
+                for cand in adapter.build(model, x):
+                    try:
+                        ok, reason, facts = _validate(cand, model, x, y)
+                    except Exception as e:  # noqa: BLE001 - a candidate that cannot run is rejected
+                        ok, reason, facts = False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", {}
+                    if ok:
+                        set_eval(cand)
+                        cand.info = HeadInfo(
+                            adapter=adapter.name, model_class=name, kind=cand.head_kind(),
+                            pooling=cand.pooling, layout=cand.layout,
+                            num_prefix_tokens=cand.num_prefix_tokens,
+                            probe_input_size=size, **facts)  # type: ignore[arg-type]
+                        _logger.debug("adapter %s split %s: %s", adapter.name, name, cand.info)
+                        return cand
+                    reasons.append(f"{adapter.name}: {reason}")
+            except HeadNotFoundError as e:
+                reasons.append(f"{adapter.name}: {e}")
+    uniq = list(dict.fromkeys(reasons)) or ["no adapter matches this model"]
+    raise HeadNotFoundError(f"{type(model).__name__}: cannot split into features and a pooling "
+                            f"classifier head: {'; '.join(uniq)}")
+
+

@@ -1,0 +1,154 @@
+"""The training-free CSRA patch: ``y = y_base + lam * y_att(T)``.
+
+* :func:`residual_attention` -- ``(B, C, L)`` per-location scores -> ``(B, C)``;
+  ``T = inf`` gives ``max_k s_k`` (the paper's four lines), finite ``T`` gives
+  ``sum_k softmax_k(T s_k) s_k`` (eq. 5-7 of the paper).
+* :class:`PatchedClassifier` -- wraps a :class:`~patchcsra.heads.HeadSplit`; ``lam`` is a buffer
+  (so it survives export and can be changed after patching), ``temperature`` a plain float.
+* :func:`patch` -- discover the head of any classifier and return the patched module.
+* :func:`default_lam` -- the paper's fixed λ: 0.02 for ResNets, 0.2 otherwise.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .errors import PatchCSRAError
+from .heads import HeadInfo, HeadSplit, discover
+
+__all__ = ["residual_attention", "PatchedClassifier", "patch", "describe", "default_lam", "check_lam",
+           "check_temperature"]
+
+
+def check_lam(lam: float, name: str = "lam") -> float:
+    """λ must be a finite number >= 0."""
+    try:
+        v = float(lam)
+    except (TypeError, ValueError):
+        raise PatchCSRAError(f"{name}={lam!r} is not a number; give a finite λ >= 0, e.g. 0.2") from None
+    if not math.isfinite(v) or v < 0:
+        raise PatchCSRAError(f"{name}={lam!r} is invalid; give a finite λ >= 0, e.g. 0.2")
+    return v
+
+
+def check_temperature(t: float, name: str = "temperature") -> float:
+    """T must be > 0; ``inf`` means max pooling over locations."""
+    try:
+        v = float(t)
+    except (TypeError, ValueError):
+        raise PatchCSRAError(f"{name}={t!r} is not a number; give T > 0 or 'inf'") from None
+    if math.isnan(v) or v <= 0:
+        raise PatchCSRAError(f"{name}={t!r} is invalid; give T > 0 or 'inf' (max over locations)")
+    return v
+
+
+def residual_attention(scores: Tensor, temperature: float = math.inf) -> Tensor:
+    """Class-specific attention over locations: ``(B, C, L)`` -> ``(B, C)``.
+
+    ``T = inf``: ``max_k s_k``; otherwise ``sum_k softmax_k(T * s_k) * s_k``.
+    """
+    if math.isinf(temperature):
+        return scores.amax(dim=-1)
+    w = torch.softmax(scores * temperature, dim=-1)
+    return (w * scores).sum(dim=-1)
+
+
+def default_lam(model: nn.Module) -> float:
+    """The paper's fixed λ (Table 1): 0.02 for ResNet-family models, 0.2 for every other model."""
+    target = model
+    split = getattr(model, "split", None)
+    inner = getattr(split, "model", None)
+    if isinstance(inner, nn.Module):
+        target = inner
+    return 0.02 if "resne" in type(target).__name__.lower() else 0.2
+
+
+class PatchedClassifier(nn.Module):
+    """``x (B, 3, H, W) -> y_base + lam * y_att(T)  (B, C)``; at ``lam = 0`` exactly the model.
+
+    Args:
+        split: a validated :class:`HeadSplit` (from :func:`patchcsra.heads.discover`).
+        lam: residual weight λ >= 0; change it later with ``patched.lam = 0.1``.
+        temperature: ``inf`` (max over locations, the 4-line patch) or a finite T > 0.
+    """
+
+    def __init__(self, split: HeadSplit, lam: float, temperature: float = math.inf) -> None:
+        super().__init__()
+        self.split = split
+        self.register_buffer("_lam", torch.tensor(check_lam(lam), dtype=torch.float64))
+        self.temperature = check_temperature(temperature)
+
+    @property
+    def lam(self) -> float:
+        return float(self._lam)
+
+    @lam.setter
+    def lam(self, value: float) -> None:
+        self._lam.fill_(check_lam(value))
+
+    @property
+    def info(self) -> HeadInfo:
+        assert self.split.info is not None
+        return self.split.info
+
+    def forward(self, x: Tensor) -> Tensor:
+        f = self.split.forward_features(x)
+        base = self.split.forward_baseline(f)
+        att = residual_attention(self.split.forward_locations(f), self.temperature)
+        return base + self._lam.to(base.dtype) * att.to(base.dtype)
+
+    def forward_scores(self, x: Tensor, temperatures: Sequence[float] = (math.inf,)) -> dict[str, Tensor]:
+        """Everything a λ/T sweep needs from one forward pass.
+
+        Returns ``{'base': (B, C), 'max': (B, C), 'att': (B, C, len(temperatures))}``.
+        """
+        f = self.split.forward_features(x)
+        base = self.split.forward_baseline(f)
+        s = self.split.forward_locations(f)
+        att = torch.stack([residual_attention(s, float(t)) for t in temperatures], dim=-1)
+        return {"base": base, "max": s.amax(dim=-1), "att": att}
+
+    def extra_repr(self) -> str:
+        i = self.split.info
+        kind = f", head={i.kind}, adapter={i.adapter}" if i else ""
+        return f"lam={self.lam:g}, temperature={self.temperature:g}{kind}"
+
+
+def patch(model: nn.Module, lam: Optional[float] = None, temperature: float = math.inf, *,
+          input_size: Optional[Sequence[int]] = None) -> PatchedClassifier:
+    """Rewrite ``model``'s head into ``model(x) + lam * y_att(T)``.
+
+    Args:
+        model: any classifier ``(B, 3, H, W) -> (B, C)`` (timm, torchvision, TorchScript, your own);
+            it is put in eval mode and shared (not copied) by the result.
+        lam: λ >= 0; ``None`` takes :func:`default_lam` (0.02 ResNets, 0.2 otherwise).
+        temperature: ``inf`` for ``max_k s_k`` (default), or T > 0 for softmax attention.
+        input_size: ``(C, H, W)`` of the probe used to find and check the head.
+
+    Returns:
+        A :class:`PatchedClassifier` with the same input and output shape as ``model``.
+
+    Raises:
+        HeadNotFoundError: the head cannot be split (message names the model class and why).
+    """
+    if isinstance(model, PatchedClassifier) or getattr(model, "patchcsra_meta", None):
+        raise PatchCSRAError(f"{type(model).__name__} is already patched; change its .lam instead")
+    check_temperature(temperature)
+    lam = default_lam(model) if lam is None else check_lam(lam)
+    split = discover(model, input_size=input_size)
+    return PatchedClassifier(split, lam, temperature).eval()
+
+
+def describe(model: nn.Module, *, input_size: Optional[Sequence[int]] = None) -> HeadInfo:
+    """What discovery finds in ``model`` (head kind, layout, locations, linearity), without patching."""
+    if isinstance(model, PatchedClassifier):
+        return model.info
+    meta = getattr(model, "patchcsra_meta", None)
+    if meta:
+        return HeadInfo.from_dict(meta["head"])
+    info = discover(model, input_size=input_size).info
+    assert info is not None
+    return info
