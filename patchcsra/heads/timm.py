@@ -143,3 +143,37 @@ def build_timm(model: nn.Module, x: Tensor) -> Iterator[HeadSplit]:
         from ..errors import HeadNotFoundError
 
         raise HeadNotFoundError(f"forward_features returns shape {tuple(f.shape)}, not a map or tokens")
+
+
+def _is_timm_pit(model: nn.Module) -> bool:
+    try:
+        from timm.models.pit import PoolingVisionTransformer
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, PoolingVisionTransformer)
+
+
+class TimmPitSplit(TimmSplit):
+    """PiT: ``forward_features`` keeps only the class token(s); here the last stage's patch
+    tokens are kept too, ``(B, P + L, D)`` after the final norm, and the head reads tokens ``[:P]``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model, "NLC", int(model.cls_token.shape[1]))
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        m = self.model
+        x = m.pos_drop(m.patch_embed(x) + m.pos_embed)
+        cls_tokens = m.cls_token.expand(x.shape[0], -1, -1)
+        x, cls_tokens = m.transformers((x, cls_tokens))
+        return m.norm(torch.cat([cls_tokens, x.flatten(2).transpose(1, 2)], dim=1))
+
+    def forward_baseline(self, f: Tensor) -> Tensor:
+        return self.model.forward_head(f[:, : self.num_prefix_tokens])
+
+    def forward_single(self, v: Tensor) -> Tensor:
+        return self.model.forward_head(v[:, None, :].expand(-1, self.num_prefix_tokens, -1))
+
+
+@register_adapter("timm-pit", priority=5, matches=_is_timm_pit)
+def build_timm_pit(model: nn.Module, x: Tensor) -> Iterator[HeadSplit]:
+    yield TimmPitSplit(model)
