@@ -7,22 +7,14 @@
 """
 from .errors import ExportError, HeadNotFoundError, PatchCSRAError, SourceError, TrustError
 from .heads import HeadInfo, HeadSplit, discover, list_adapters, register_adapter
-from .patch import PatchedClassifier, default_lam, describe, patch, residual_attention
+from .patcher import PatchedClassifier, default_lam, describe, patch, residual_attention
+from .sources import PatchedArchive, load
+from .export import save_patched
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "load", "patch", "describe", "save_patched", "PatchedClassifier", "residual_attention",
+    "load", "patch", "describe", "save_patched", "PatchedClassifier", "PatchedArchive", "residual_attention",
     "default_lam", "discover", "HeadInfo", "HeadSplit", "list_adapters", "register_adapter",
     "PatchCSRAError", "SourceError", "TrustError", "HeadNotFoundError", "ExportError",
 ]
-
-
-def __getattr__(name):  # lazy: loading/export pull in timm/torchvision/safetensors
-    if name == "load":
-        from .load import load
-        return load
-    if name == "save_patched":
-        from .export import save_patched
-        return save_patched
-    raise AttributeError(name)

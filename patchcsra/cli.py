@@ -49,7 +49,7 @@ def _parse_float(text: str, name: str) -> float:
 
 
 def _load(source: str, arch, weights, trust, pretrained, num_classes):
-    from .load import load
+    from .sources import load
 
     return load(source, arch=arch, weights=weights, trust=trust, pretrained=pretrained, num_classes=num_classes)
 
@@ -80,7 +80,7 @@ def patch(
 ) -> None:
     """Patch a classifier's head and write it as TorchScript or a torch.export archive."""
     from .export import export_format, save_patched
-    from .patch import patch as do_patch
+    from .patcher import patch as do_patch
 
     try:
         lam_v = None if lam is None else _parse_float(lam, "--lam")
@@ -118,7 +118,7 @@ def describe(
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ) -> None:
     """Show the pooling head patchcsra finds in a model (or the record of a patched file)."""
-    from .patch import describe as do_describe
+    from .patcher import describe as do_describe
 
     try:
         size = _parse_input_size(input_size)

@@ -23,8 +23,8 @@ import torch
 
 from .errors import ExportError
 from .heads.base import allclose_logits, probe_input
-from .load import META_FILE
-from .patch import PatchedClassifier
+from .sources import META_FILE
+from .patcher import PatchedClassifier
 
 __all__ = ["save_patched", "export_format", "atomic_path", "patched_metadata"]
 

@@ -280,17 +280,37 @@ class GraphSplit(HeadSplit):
         return self._kind
 
 
+def _torchscript_graph(model: torch.jit.ScriptModule, x: Tensor) -> tfx.GraphModule:
+    """TorchScript -> fx graph of ATen ops (torch's TS2EP converter, without its re-export step,
+    which fails on shape arithmetic that TorchScript handles; then the full converter)."""
+    errors = []
+    try:
+        from torch._export import converter as c
+
+        conv = c.TS2EPConverter(model, (x,))
+        lifted, fqn = c.get_block_to_lifted_attrs(conv.ts_graph)
+        gm = c.TS2FXGraphConverter(conv.ts_graph, conv.name_to_param, conv.name_to_buffer, lifted,
+                                   conv.name_to_non_tensor_attributes, conv.name_to_constant, fqn).convert()
+        c.replace_quantized_ops_with_standard_ops(gm)
+        return gm
+    except Exception as e:  # noqa: BLE001 - private torch API: fall back, then refuse clearly
+        errors.append(f"{type(e).__name__}")
+    try:
+        from torch._export.converter import TS2EPConverter
+
+        return TS2EPConverter(model, (x,)).convert().module()
+    except Exception as e:  # noqa: BLE001
+        errors.append(f"{type(e).__name__}")
+    raise HeadNotFoundError(f"its TorchScript graph could not be converted for analysis ({', '.join(errors)}); "
+                            "save a state dict and pass arch=, or export it with torch.export (.pt2)")
+
+
 def trace_graph(model: nn.Module, x: Tensor) -> tfx.GraphModule:
     """A graph module for ``model``: itself if already one, else fx trace, else torch.export."""
     if isinstance(model, tfx.GraphModule):
         return model
     if isinstance(model, torch.jit.ScriptModule):
-        from torch._export.converter import TS2EPConverter
-
-        try:
-            return TS2EPConverter(model, (x,)).convert().module()
-        except Exception as e:  # noqa: BLE001
-            raise HeadNotFoundError(f"TorchScript graph could not be converted for analysis ({type(e).__name__})") from e
+        return _torchscript_graph(model, x)
     errors = []
     try:
         return tfx.symbolic_trace(model)

@@ -63,7 +63,7 @@ class PatchedArchive(nn.Module):
 
     @lam.setter
     def lam(self, value: float) -> None:
-        from .patch import check_lam
+        from .patcher import check_lam
 
         with torch.no_grad():
             self.module._lam.fill_(check_lam(value))
