@@ -24,7 +24,6 @@ from __future__ import annotations
 import difflib
 import importlib
 import json
-import logging
 import os
 import pickle
 import sys
@@ -40,7 +39,6 @@ from .heads.base import set_eval
 
 __all__ = ["load", "PatchedArchive", "load_state_dict_file", "build_arch", "META_FILE"]
 
-_logger = logging.getLogger(__name__)
 
 META_FILE = "patchcsra.json"
 STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".th", ".ckpt", ".tar", ".safetensors")
@@ -127,11 +125,9 @@ def _load_timm(name: str, pretrained: bool, weights: Optional[str], num_classes:
         arch_name = timm.models.split_model_name_tag(name)[0]
         if not timm.is_model(arch_name):
             raise SourceError(f"timm:{name}: unknown timm model{_close(name, timm.list_models())}")
-    weight_file = _weights_file(weights)
-    if weight_file is not None:
-        sd = load_state_dict_file(weight_file)
-        return _fit_state_dict(lambda n: _create_timm(name, False, n, kwargs), sd, weight_file,
-                               f"timm:{name}", num_classes)
+    model = _from_weights_file(weights, lambda n: _create_timm(name, False, n, kwargs), f"timm:{name}", num_classes)
+    if model is not None:
+        return model
     if weights is not None:
         raise SourceError(f"weights={weights!r}: for timm models give a state-dict file, or a tag in the "
                           "name (timm:resnet50.a1_in1k)")
@@ -161,11 +157,10 @@ def _load_torchvision(name: str, pretrained: bool, weights: Optional[str], num_c
     names = torchvision.models.list_models(module=torchvision.models)
     if name not in names:
         raise SourceError(f"torchvision:{name}: unknown torchvision classification model{_close(name, names)}")
-    weight_file = _weights_file(weights)
-    if weight_file is not None:
-        sd = load_state_dict_file(weight_file)
-        return _fit_state_dict(lambda n: _create_tv(name, None, n, kwargs), sd, weight_file,
-                               f"torchvision:{name}", num_classes)
+    model = _from_weights_file(weights, lambda n: _create_tv(name, None, n, kwargs), f"torchvision:{name}",
+                               num_classes)
+    if model is not None:
+        return model
     enum = None
     if weights is not None or pretrained:
         enum = _tv_weights(name, weights or "DEFAULT")
@@ -204,6 +199,14 @@ def _create_tv(name: str, enum, num_classes: Optional[int], kwargs: dict) -> nn.
                               f"{_first_line(e)}); pass pretrained=False (CLI --no-pretrained) or "
                               "weights=FILE") from e
         raise SourceError(f"torchvision:{name}: could not build the model ({type(e).__name__}: {_first_line(e)})") from e
+
+
+def _from_weights_file(weights: Optional[str], build, spec: str, num_classes: Optional[int]) -> Optional[nn.Module]:
+    """The named model with a state-dict file's weights, or None when ``weights`` is not a file."""
+    path = _weights_file(weights)
+    if path is None:
+        return None
+    return _fit_state_dict(build, load_state_dict_file(path), path, spec, num_classes)
 
 
 def _weights_file(weights: Optional[str]) -> Optional[Path]:

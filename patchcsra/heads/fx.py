@@ -15,9 +15,8 @@ map into an MLP) is refused with that reason.
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.fx as tfx
