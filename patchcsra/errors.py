@@ -5,7 +5,8 @@ what to do instead. The CLI prints ``str(err)`` and exits non-zero; the Python A
 """
 from __future__ import annotations
 
-__all__ = ["PatchCSRAError", "SourceError", "TrustError", "HeadNotFoundError", "ExportError"]
+__all__ = ["PatchCSRAError", "SourceError", "TrustError", "HeadNotFoundError", "ExportError", "DatasetError",
+           "DataMismatchError"]
 
 
 class PatchCSRAError(ValueError):
@@ -26,3 +27,11 @@ class HeadNotFoundError(PatchCSRAError):
 
 class ExportError(PatchCSRAError):
     """A patched model could not be written in the requested format."""
+
+
+class DatasetError(PatchCSRAError):
+    """A dataset cannot be read: missing root, unknown format, empty split, bad label file, bad images."""
+
+
+class DataMismatchError(DatasetError):
+    """The dataset's classes do not fit the model's outputs (count or names); pass a class map."""
