@@ -1,0 +1,300 @@
+"""ImageDataset: the one multi-label dataset every reader produces, and the format registry.
+
+Every reader (VOC, COCO, ImageFolder, CSV/JSON manifest) returns an :class:`ImageDataset`:
+``N`` image files, ``C`` class names and a target matrix ``(N, C)`` int8 with ``1`` present,
+``0`` absent and ``-1`` ignore (difficult-only VOC labels, unknown manifest labels).
+
+Readers register themselves with :func:`register_format`; :func:`open_dataset` walks them in
+priority order (lowest first) and opens the path with the first whose ``detect`` says yes,
+or with the one named by ``format=``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch.utils.data
+from PIL import Image
+
+from ..errors import DatasetError
+
+__all__ = [
+    "ImageDataset", "DatasetFormat", "open_dataset", "register_format", "list_formats", "get_format",
+    "DIFFICULT_MODES", "BAD_IMAGE_SIZE", "select_class_names",
+]
+
+_logger = logging.getLogger(__name__)
+
+DIFFICULT_MODES = ("ignore", "positive")
+BAD_IMAGE_SIZE = (64, 64)  # (W, H) of the black stand-in returned for a missing/undecodable image
+
+
+@dataclass(eq=False)
+class ImageDataset(torch.utils.data.Dataset):
+    """``N`` images with ``C``-class multi-label targets.
+
+    Attributes:
+        name: e.g. ``"voc2007-test"``, ``"coco-val2017"``, ``"cifar10-test-subset"``.
+        format: the reader that made it: ``"voc" | "coco" | "folder" | "manifest"``.
+        root: the directory image ids are relative to.
+        split: the split read (``"test"``, ``"val2017"``...), ``None`` where the data has none.
+        classes: ``C`` class names, in the column order of ``targets``.
+        files: ``N`` image paths.
+        ids: ``N`` image ids (VOC id, COCO file name, path relative to ``root``).
+        targets: ``(N, C)`` int8: ``1`` present, ``0`` absent, ``-1`` ignore.
+        single_label: every row has exactly one positive (ImageFolder data).
+        transform: PIL RGB image -> tensor ``(3, H, W)``; may be set after creation.
+
+    ``dataset[i]`` is ``(transform(image), i, ok)``. A missing or undecodable image does not
+    raise: it gives ``(transform(black 64x64 RGB image), i, False)`` so that a DataLoader keeps
+    going and the caller can count, name and skip the bad images.
+    """
+
+    name: str
+    format: str
+    root: Path
+    split: Optional[str]
+    classes: tuple[str, ...]
+    files: tuple[Path, ...]
+    ids: tuple[str, ...]
+    targets: np.ndarray
+    single_label: bool
+    transform: Optional[Callable] = None
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+        self.classes = tuple(str(c) for c in self.classes)
+        self.files = tuple(Path(f) for f in self.files)
+        self.ids = tuple(str(i) for i in self.ids)
+        self.targets = np.ascontiguousarray(np.asarray(self.targets, dtype=np.int8))
+        n, c = len(self.files), len(self.classes)
+        if self.targets.shape != (n, c):
+            raise DatasetError(f"{self.name}: targets have shape {self.targets.shape}, expected ({n}, {c}) "
+                               "(files x classes); fix the reader or label file")
+        if len(self.ids) != n:
+            raise DatasetError(f"{self.name}: {len(self.ids)} ids for {n} files; give one id per file")
+        if len(set(self.classes)) != c:
+            dup = sorted({x for x in self.classes if self.classes.count(x) > 1})
+            raise DatasetError(f"{self.name}: duplicate class names {dup[:5]}; give each class once")
+        if self.targets.size and not np.isin(self.targets, (-1, 0, 1)).all():
+            raise DatasetError(f"{self.name}: targets hold values other than 1, 0, -1; fix the label file")
+
+    # ------------------------------------------------------------------ sequence protocol
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[Any, int, bool]:
+        """``(transform(PIL RGB image), i, ok)``; ``ok=False`` for a missing/undecodable image."""
+        i = int(i)
+        path = self.files[i]
+        ok = True
+        try:
+            with Image.open(path) as im:
+                im.load()
+                img = im.convert("RGB")
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            _logger.debug("bad image %s (%s: %s)", path, type(e).__name__, e)
+            img, ok = Image.new("RGB", BAD_IMAGE_SIZE), False
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, i, ok
+
+    def __repr__(self) -> str:
+        return (f"ImageDataset(name={self.name!r}, format={self.format!r}, split={self.split!r}, "
+                f"images={len(self)}, classes={len(self.classes)}, single_label={self.single_label}, "
+                f"root='{self.root}')")
+
+    # ------------------------------------------------------------------ label views
+    @property
+    def num_classes(self) -> int:
+        """``C``."""
+        return len(self.classes)
+
+    @property
+    def labels(self) -> np.ndarray:
+        """``(N,)`` int64 class index of each image; single-label data only."""
+        if not self.single_label:
+            raise DatasetError(f"{self.name}: labels needs single-label data (one positive per image); "
+                               "use targets for multi-label data")
+        return self.targets.argmax(axis=1).astype(np.int64)
+
+    def positives_per_class(self) -> np.ndarray:
+        """``(C,)`` int64 number of images labelled ``1`` per class."""
+        return (self.targets == 1).sum(axis=0).astype(np.int64)
+
+    # ------------------------------------------------------------------ checks
+    def missing_files(self) -> list[str]:
+        """Ids whose image file does not exist (one ``os.stat`` each; run it before any compute)."""
+        return [i for i, f in zip(self.ids, self.files) if not os.path.isfile(f)]
+
+    def fingerprint(self) -> str:
+        """sha256 hex over format, split, classes, ids, targets and each file's (size, mtime_ns).
+
+        It changes when an image file or a label changes, not when the data moves to another root.
+        """
+        h = hashlib.sha256()
+        for part in (self.format, str(self.split), "\x1f".join(self.classes), "\x1f".join(self.ids),
+                     str(self.targets.shape)):
+            h.update(part.encode("utf-8"))
+            h.update(b"\x1e")
+        h.update(self.targets.tobytes())
+        stats = np.empty((len(self.files), 2), dtype=np.int64)
+        for k, f in enumerate(self.files):
+            try:
+                st = os.stat(f)
+                stats[k] = (st.st_size, st.st_mtime_ns)
+            except OSError:
+                stats[k] = (-1, -1)
+        h.update(stats.tobytes())
+        return h.hexdigest()
+
+    # ------------------------------------------------------------------ derived datasets
+    def subset(self, indices: Union[Sequence[int], np.ndarray]) -> "ImageDataset":
+        """The images at ``indices`` (ints, or a boolean mask of length ``N``), same classes."""
+        idx = np.asarray(indices)
+        if idx.dtype == bool:
+            if idx.shape != (len(self),):
+                raise DatasetError(f"{self.name}: subset mask has shape {idx.shape}, expected ({len(self)},)")
+            idx = np.flatnonzero(idx)
+        idx = idx.astype(np.int64).reshape(-1)
+        if idx.size and (idx.min() < -len(self) or idx.max() >= len(self)):
+            raise DatasetError(f"{self.name}: subset index out of range for {len(self)} images")
+        return dataclasses.replace(
+            self, files=tuple(self.files[k] for k in idx), ids=tuple(self.ids[k] for k in idx),
+            targets=self.targets[idx])
+
+    def select_classes(self, order: Sequence[int]) -> "ImageDataset":
+        """Keep/reorder target columns: new class ``j`` is old class ``order[j]``."""
+        idx = np.asarray(order, dtype=np.int64).reshape(-1)
+        c = len(self.classes)
+        if idx.size and (idx.min() < 0 or idx.max() >= c):
+            raise DatasetError(f"{self.name}: class index out of range [0, {c}) in select_classes")
+        if len(set(idx.tolist())) != idx.size:
+            raise DatasetError(f"{self.name}: select_classes got a class index twice; give each once")
+        targets = self.targets[:, idx]
+        single = bool(self.single_label and ((targets == 1).sum(axis=1) == 1).all())
+        return dataclasses.replace(self, classes=tuple(self.classes[k] for k in idx), targets=targets,
+                                   single_label=single)
+
+
+def select_class_names(ds: ImageDataset, classes: Optional[Sequence[str]], source: str) -> ImageDataset:
+    """``ds`` with its columns restricted/reordered to the names in ``classes`` (``None``: unchanged)."""
+    if classes is None:
+        return ds
+    pos = {c: k for k, c in enumerate(ds.classes)}
+    unknown = [c for c in classes if c not in pos]
+    if unknown:
+        raise DatasetError(f"classes={list(unknown[:5])} are not classes of {source}; choose from "
+                           f"{', '.join(ds.classes[:25])}{' ...' if len(ds.classes) > 25 else ''}")
+    return ds.select_classes([pos[c] for c in classes])
+
+
+# ---------------------------------------------------------------------------- format registry
+OpenFn = Callable[..., ImageDataset]
+
+
+@dataclass(frozen=True)
+class DatasetFormat:
+    """A reader: ``detect(path) -> bool`` (cheap) and
+    ``open(path, split, *, difficult, classes) -> ImageDataset``. Lower ``priority`` is tried first."""
+
+    name: str
+    detect: Callable[[Path], bool]
+    open: OpenFn
+    priority: int = 100
+
+
+_FORMATS: dict[str, DatasetFormat] = {}
+
+
+def register_format(name: str, *, detect: Callable[[Path], bool], open: OpenFn,  # noqa: A002
+                    priority: int = 100) -> DatasetFormat:
+    """Add (or replace) the reader ``name``; returns its :class:`DatasetFormat`."""
+    fmt = DatasetFormat(name=name, detect=detect, open=open, priority=int(priority))
+    _FORMATS[name] = fmt
+    return fmt
+
+
+def _ensure_builtin() -> None:
+    from . import coco, folder, manifest, voc  # noqa: F401  (registration side effect)
+
+
+def list_formats() -> list[str]:
+    """Names of the registered readers, in the order auto-detection tries them."""
+    _ensure_builtin()
+    return [f.name for f in sorted(_FORMATS.values(), key=lambda f: (f.priority, f.name))]
+
+
+def get_format(name: str) -> DatasetFormat:
+    """The reader registered as ``name`` (case-insensitive)."""
+    _ensure_builtin()
+    key = str(name).strip().lower()
+    if key not in _FORMATS:
+        raise DatasetError(f"format={name!r} is unknown; accepted formats: {', '.join(list_formats())}")
+    return _FORMATS[key]
+
+
+def open_dataset(path: Union[str, os.PathLike], format: Optional[str] = None,  # noqa: A002
+                 split: Optional[str] = None, *, difficult: str = "ignore",
+                 classes: Optional[Sequence[str]] = None) -> ImageDataset:
+    """Open the dataset at ``path`` (format auto-detected unless given).
+
+    Args:
+        path: a VOC devkit/year dir, a COCO root or ``instances_*.json``, an ImageFolder tree,
+            or a ``.csv``/``.json`` manifest.
+        format: ``"voc" | "coco" | "folder" | "manifest"`` (or any registered name); ``None``
+            detects it.
+        split: e.g. ``"test"``, ``"val2017"``; ``None`` takes the reader's default.
+        difficult: VOC ``0`` labels (difficult-only): ``"ignore"`` (-1, the VOC classification
+            protocol) or ``"positive"`` (1).
+        classes: explicit class list: column order override (folder/manifest), or a subset/order of
+            the dataset's classes (VOC/COCO).
+
+    Returns:
+        An :class:`ImageDataset` with at least one image.
+
+    Raises:
+        DatasetError: missing/unreadable path, unknown format, empty split, bad label file.
+    """
+    p = Path(os.fspath(path)).expanduser()
+    if difficult not in DIFFICULT_MODES:
+        raise DatasetError(f"difficult={difficult!r} is not accepted; use one of {', '.join(DIFFICULT_MODES)}")
+    if classes is not None:
+        if isinstance(classes, str):
+            raise DatasetError(f"classes={classes!r} must be a list of class names, not one string")
+        classes = [str(c) for c in classes]
+        if not classes:
+            raise DatasetError("classes=[] is empty; give the class names or leave classes out")
+    if not p.exists():
+        raise DatasetError(f"{p}: no such file or directory; give a dataset root or manifest file")
+    if not os.access(p, os.R_OK | (os.X_OK if p.is_dir() else 0)):
+        raise DatasetError(f"{p}: not readable; fix its permissions")
+    if format is not None:
+        fmt = get_format(format)
+    else:
+        fmt = _detect(p)
+    ds = fmt.open(p, split, difficult=difficult, classes=classes)
+    if len(ds) == 0:
+        raise DatasetError(f"{p}: split {ds.split!r} holds no images; choose another split or fix its list")
+    _logger.info("opened %r: %d images, %d classes", ds.name, len(ds), len(ds.classes))
+    return ds
+
+
+def _detect(p: Path) -> DatasetFormat:
+    _ensure_builtin()
+    for fmt in sorted(_FORMATS.values(), key=lambda f: (f.priority, f.name)):
+        try:
+            if fmt.detect(p):
+                _logger.debug("%s: detected format %s", p, fmt.name)
+                return fmt
+        except DatasetError:
+            raise
+        except OSError as e:  # an unreadable entry: this reader says no
+            _logger.debug("%s: detect %s failed (%s)", p, fmt.name, e)
+    raise DatasetError(f"{p}: cannot tell its dataset format; pass format= one of {', '.join(list_formats())}")
