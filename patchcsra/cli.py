@@ -136,6 +136,140 @@ def describe(
         _out.print(_info_table(record, f"{source}"))
 
 
+def _parse_floats(text: Optional[str], name: str) -> Optional[list[float]]:
+    if text is None:
+        return None
+    vals = [v.strip() for v in text.split(",") if v.strip()]
+    if not vals:
+        raise PatchCSRAError(f"{name} {text!r} is empty; give comma-separated numbers, e.g. 0,0.1,0.2")
+    return [_parse_float(v, name) for v in vals]
+
+
+@app.command("sweep-lambda")
+def sweep_lambda(
+    source: str = typer.Argument(..., help=SOURCE_HELP),
+    data: Path = typer.Option(..., "--data", help="VOCdevkit root, COCO root or instances json, ImageFolder tree, "
+                              "or a CSV/JSON manifest"),
+    out: Path = typer.Option(..., "--out", "-o", help="run directory to write (results.csv, summary.json, "
+                             "table.md, table.tex, curve.png)"),
+    split: Optional[str] = typer.Option(None, "--split", help="split name (VOC: test/val/trainval; COCO: val2014, "
+                                        "val2017; default: the evaluation split)"),
+    data_format: Optional[str] = typer.Option(None, "--data-format", help="voc | coco | folder | manifest "
+                                              "(default: detected)"),
+    lams: Optional[str] = typer.Option(None, "--lams", help="comma-separated λ grid (default: 21 values 0..1)"),
+    temperatures: str = typer.Option("inf", "--temperatures", help="comma-separated T grid, e.g. inf,1,2,4"),
+    fixed_lam: Optional[str] = typer.Option(None, "--fixed-lam", help="the fixed-λ column (default: 0.02 for "
+                                            "ResNets, 0.2 otherwise)"),
+    metric: Optional[str] = typer.Option(None, "--metric", help="selection metric (default: mAP; top1 for "
+                                         "single-label data)"),
+    folds: int = typer.Option(5, "--folds", help="k of the cross-validated λ (0: off)"),
+    bootstrap: int = typer.Option(1000, "--bootstrap", help="paired bootstrap resamples for Δ intervals (0: off)"),
+    seed: int = typer.Option(0, "--seed"),
+    class_map: Optional[Path] = typer.Option(None, "--class-map", help="JSON {class: output index} or CSV "
+                                             "'class,index' when dataset and model classes differ"),
+    difficult: str = typer.Option("ignore", "--difficult", help="VOC difficult-only labels: ignore | positive"),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="score without missing/unreadable images"),
+    img_size: Optional[int] = typer.Option(None, "--img-size", help="evaluate at this square resolution"),
+    input_size: Optional[str] = typer.Option(None, "--input-size", help="C,H,W for models without a config"),
+    crop_pct: Optional[float] = typer.Option(None, "--crop-pct"),
+    interpolation: Optional[str] = typer.Option(None, "--interpolation", help="bilinear | bicubic | ..."),
+    mean: Optional[str] = typer.Option(None, "--mean", help="comma-separated channel means"),
+    std: Optional[str] = typer.Option(None, "--std", help="comma-separated channel stds"),
+    batch_size: int = typer.Option(32, "--batch-size", "-b"),
+    workers: Optional[int] = typer.Option(None, "--workers", "-j", help="DataLoader workers (default: cores-1)"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]"),
+    amp: str = typer.Option("auto", "--amp", help="auto (bf16 on GPU) | bf16 | fp16 | none"),
+    channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last"),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="stats cache (default: $PATCHCSRA_CACHE "
+                                             "or ~/.cache/patchcsra)"),
+    no_cache: bool = typer.Option(False, "--no-cache", help="do not read or write the stats cache"),
+    arch: Optional[str] = typer.Option(None, "--arch", help="architecture of a state-dict file"),
+    weights: Optional[str] = typer.Option(None, "--weights", help="torchvision weights name, or a state-dict file"),
+    num_classes: Optional[int] = typer.Option(None, "--num-classes"),
+    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained"),
+    trust: bool = typer.Option(False, "--trust"),
+    force: bool = typer.Option(False, "--force", help="overwrite --out if it exists"),
+) -> None:
+    """Sweep λ (and T) over a dataset in one forward pass; write a Table-1 report."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .api import default_cache_dir, sweep_lambda as run_sweep
+    from .report import rich_table, table_frame
+    from .sweep import DEFAULT_LAMS
+
+    try:
+        if out.exists() and not force:
+            raise PatchCSRAError(f"--out {out} exists; pass --force to overwrite it")
+        if not data.exists():
+            raise PatchCSRAError(f"--data {data} does not exist")
+        if difficult not in ("ignore", "positive"):
+            raise PatchCSRAError(f"--difficult {difficult!r}: choose ignore or positive")
+        lam_grid = _parse_floats(lams, "--lams") or list(DEFAULT_LAMS)
+        t_grid = _parse_floats(temperatures, "--temperatures")
+        fixed = None if fixed_lam is None else _parse_float(fixed_lam, "--fixed-lam")
+        size = _parse_input_size(input_size)
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=_err,
+                      transient=True) as progress:
+            task = progress.add_task("collecting", total=None, rate="")
+            t0 = [None]
+
+            def cb(done: int, total: int) -> None:
+                import time
+
+                now = time.perf_counter()
+                if t0[0] is None:
+                    t0[0] = (now, done)
+                rate = (done - t0[0][1]) / max(now - t0[0][0], 1e-9)
+                progress.update(task, completed=done, total=total, rate=f"{rate:.1f} img/s" if rate else "")
+
+            run = run_sweep(
+                source, data, split=split, data_format=data_format, lams=lam_grid, temperatures=t_grid,
+                fixed_lam=fixed, metric=metric, folds=folds, bootstrap=bootstrap, seed=seed, difficult=difficult,
+                class_map=class_map, skip_bad=skip_bad, img_size=img_size, input_size=size, crop_pct=crop_pct,
+                interpolation=interpolation, mean=_parse_floats(mean, "--mean"), std=_parse_floats(std, "--std"),
+                batch_size=batch_size, device=device, amp=amp, channels_last=channels_last, workers=workers,
+                cache_dir=None if no_cache else (cache_dir or default_cache_dir()),
+                load_kwargs={"arch": arch, "weights": weights, "trust": trust, "pretrained": pretrained,
+                             "num_classes": num_classes},
+                progress=cb)
+        run.write(out, force=force)
+    except PatchCSRAError as e:
+        _fail(str(e))
+    s = run.summary
+    bad = s["images"]["bad"]
+    if bad:
+        _err.print(f"[bold yellow]warning:[/] skipped {bad} unreadable image(s): "
+                   f"{', '.join(s['images']['bad_ids'][:5])}", highlight=False)
+    if s["classes"]["without_positives"]:
+        _err.print(f"[yellow]note:[/] classes without positives (left out of mAP): "
+                   f"{', '.join(s['classes']['without_positives'])}", highlight=False)
+    c = s["collect"]
+    _out.print(rich_table(table_frame([s]), title=f"{s['model']['name']} on {s['dataset']['name']}"))
+    _out.print(f"[green]wrote[/] {out}/ ({s['images']['scored']} images; pass: {c['forward_images']} forward, "
+               f"{c['seconds']:.1f} s on {c['device']})", highlight=False)
+
+
+@app.command()
+def report(
+    runs: list[Path] = typer.Argument(..., help="run directories written by sweep-lambda"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="write table.csv, table.md, table.tex here"),
+    force: bool = typer.Option(False, "--force", help="overwrite --out if it exists"),
+) -> None:
+    """Merge sweep runs into one Table 1 (rows = dataset x model)."""
+    from .report import merge_runs, rich_table, write_table
+
+    try:
+        table = merge_runs(runs)
+        if out is not None:
+            write_table(table, out, force=force)
+    except PatchCSRAError as e:
+        _fail(str(e))
+    _out.print(rich_table(table, title="Table 1"))
+    if out is not None:
+        _out.print(f"[green]wrote[/] {out}/", highlight=False)
+
+
 def main() -> None:  # console-script entry point
     app()
 

@@ -1,0 +1,363 @@
+"""One pass over a dataset -> everything a λ/T sweep needs, cached on disk and resumable.
+
+* :class:`Stats` -- per image and class: the model's own logit ``base``, ``max_k s_k`` and
+  ``y_att(T)`` for a list of temperatures, plus targets, ids and which images decoded (``ok``).
+  ``Stats.scores(lam, T)`` is ``base + lam * att(T)``: every grid point after the pass is free.
+* :func:`collect` -- run the backbone once per image (AMP + channels_last + pinned memory on GPU),
+  writing parts of the result to a cache entry keyed by the model / dataset / transform / class
+  map fingerprint. An interrupted run resumes at its last saved part; a later call whose
+  temperatures are already in a cached entry does no forward pass at all.
+* :func:`model_fingerprint` -- a hash of a module's class, parameters and buffers.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .errors import DatasetError, PatchCSRAError
+from .patcher import PatchedClassifier, check_temperature, residual_attention
+
+__all__ = ["Stats", "collect", "model_fingerprint", "DEFAULT_TEMPERATURES", "resolve_device", "resolve_amp",
+           "default_workers", "STATS_VERSION"]
+
+_logger = logging.getLogger(__name__)
+
+STATS_VERSION = 1
+#: collected with every pass (cheap next to the backbone): the paper's multi-head temperature set.
+DEFAULT_TEMPERATURES: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, math.inf)
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class Stats:
+    """The result of one pass: ``N`` images, ``C`` dataset classes, ``nT`` temperatures.
+
+    Attributes:
+        base: ``(N, C)`` float32, the model's own logits (λ = 0).
+        max: ``(N, C)`` float32, ``max_k s_k`` over the ``L`` locations.
+        att: ``(N, C, nT)`` float32, ``sum_k softmax_k(T s_k) s_k`` for each of ``temperatures``.
+        temperatures: ``nT`` values, ``inf`` included (equal to ``max``).
+        targets: ``(N, C)`` int8, 1 present / 0 absent / -1 ignored.
+        ok: ``(N,)`` bool, False for images that could not be read.
+        ids: ``N`` image ids; classes: ``C`` class names.
+        single_label: one positive per image (top-1/top-5 are reported).
+        meta: fingerprint, model, dataset and transform records.
+    """
+
+    base: Tensor
+    max: Tensor
+    att: Tensor
+    temperatures: tuple[float, ...]
+    targets: np.ndarray
+    ok: np.ndarray
+    ids: tuple[str, ...]
+    classes: tuple[str, ...]
+    single_label: bool
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.base.shape[0])
+
+    def att_for(self, temperature: float) -> Tensor:
+        """``(N, C)`` attention scores for one temperature (must have been collected)."""
+        t = float(temperature)
+        if math.isinf(t):
+            return self.max
+        for i, have in enumerate(self.temperatures):
+            if have == t:
+                return self.att[..., i]
+        raise PatchCSRAError(f"temperature {t:g} was not collected (have {_fmt_ts(self.temperatures)})")
+
+    def scores(self, lam: float, temperature: float = math.inf) -> Tensor:
+        """``(N, C)`` patched logits ``base + lam * att(T)``."""
+        if lam == 0:
+            return self.base
+        return self.base + float(lam) * self.att_for(temperature)
+
+    def labels(self) -> np.ndarray:
+        """``(N,)`` int64 class index of single-label data."""
+        if not self.single_label:
+            raise PatchCSRAError("labels() needs single-label data; these targets are multi-label")
+        return self.targets.argmax(axis=1).astype(np.int64)
+
+    def select(self, rows: np.ndarray) -> "Stats":
+        """A subset of images (bool mask or indices)."""
+        idx = np.flatnonzero(rows) if rows.dtype == bool else np.asarray(rows)
+        t = torch.as_tensor(idx, dtype=torch.long)
+        return Stats(self.base[t], self.max[t], self.att[t], self.temperatures, self.targets[idx], self.ok[idx],
+                     tuple(self.ids[i] for i in idx), self.classes, self.single_label, dict(self.meta))
+
+
+# ----------------------------------------------------------------------------- fingerprints
+def model_fingerprint(model: nn.Module) -> str:
+    """blake2b over the class name and every parameter and buffer (names, shapes, dtypes, bytes)."""
+    h = hashlib.blake2b(digest_size=20)
+    h.update(type(model).__name__.encode())
+    try:
+        sd = model.state_dict()
+    except Exception:  # noqa: BLE001  (some exported modules have no state dict)
+        sd = {}
+    for k in sorted(sd):
+        v = sd[k]
+        if not isinstance(v, Tensor):
+            continue
+        h.update(f"{k}:{tuple(v.shape)}:{v.dtype}".encode())
+        if v.numel():
+            h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _digest(obj: object) -> str:
+    return hashlib.blake2b(json.dumps(obj, sort_keys=True, default=str).encode(), digest_size=16).hexdigest()
+
+
+def _fmt_ts(ts: Sequence[float]) -> str:
+    return ",".join("inf" if math.isinf(t) else f"{t:g}" for t in ts)
+
+
+# ----------------------------------------------------------------------------- machine
+def resolve_device(device: Optional[str]) -> torch.device:
+    """``None``/``auto``: CUDA when present, else CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        raise PatchCSRAError(f"device={device!r}: give cpu, cuda, cuda:N or auto") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise PatchCSRAError(f"device={device!r}: CUDA is not available here; use --device cpu")
+    return d
+
+
+def resolve_amp(amp: Optional[str], device: torch.device) -> Optional[torch.dtype]:
+    """``auto``: bf16 on CUDA, full precision on CPU; else ``bf16`` / ``fp16`` / ``none``."""
+    a = "auto" if amp is None else str(amp).lower()
+    if a == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if a not in AMP_DTYPES:
+        raise PatchCSRAError(f"amp={amp!r}: choose auto, bf16, fp16 or none")
+    return AMP_DTYPES[a]
+
+
+def default_workers() -> int:
+    """DataLoader workers: the machine's cores less one for the main process, at most 8."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, n - 1))
+
+
+# ----------------------------------------------------------------------------- cache
+class _Entry:
+    """A cache entry: ``meta.json`` + ``part-<start>-<end>.pt`` files, each written atomically."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def meta(self) -> Optional[dict]:
+        try:
+            return json.loads((self.path / "meta.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def write_meta(self, meta: dict) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        _atomic_write_bytes(self.path / "meta.json", json.dumps(meta, indent=1, default=str).encode())
+
+    def parts(self) -> list[tuple[int, int, Path]]:
+        out = []
+        for p in self.path.glob("part-*.pt"):
+            try:
+                a, b = p.stem.split("-")[1:3]
+                out.append((int(a), int(b), p))
+            except ValueError:
+                continue
+        return sorted(out)
+
+    def done(self) -> int:
+        """Images ``[0, done)`` are stored contiguously."""
+        n = 0
+        for a, b, _ in self.parts():
+            if a != n:
+                break
+            n = b
+        return n
+
+    def save_part(self, start: int, part: dict[str, Tensor]) -> None:
+        end = start + int(part["base"].shape[0])
+        tmp = self.path / f".part-{start:09d}-{end:09d}.tmp"
+        torch.save(part, tmp)
+        os.replace(tmp, self.path / f"part-{start:09d}-{end:09d}.pt")
+
+    def load(self, n: int) -> dict[str, Tensor]:
+        pieces: dict[str, list[Tensor]] = {}
+        stop = 0
+        for a, b, p in self.parts():
+            if a != stop:
+                break
+            for k, v in torch.load(p, weights_only=True).items():
+                pieces.setdefault(k, []).append(v)
+            stop = b
+        if stop != n:
+            raise PatchCSRAError(f"stats cache {self.path} is incomplete ({stop}/{n} images); delete it and rerun")
+        return {k: torch.cat(v) for k, v in pieces.items()}
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _find_entry(root: Path, key: str, temps: Sequence[float]) -> Optional[_Entry]:
+    """A cached entry with the same key whose temperatures cover ``temps`` (complete ones first)."""
+    best: Optional[tuple[int, _Entry]] = None
+    for d in sorted(root.glob(f"{key[:24]}-*")):
+        e = _Entry(d)
+        m = e.meta()
+        if not m or m.get("key") != key:
+            continue
+        have = {float(t) for t in m["temperatures"]}
+        if not set(float(t) for t in temps) <= have:
+            continue
+        rank = 0 if m.get("complete") else 1
+        if best is None or rank < best[0]:
+            best = (rank, e)
+    return best[1] if best else None
+
+
+def _known_temperatures(root: Path, key: str) -> set[float]:
+    out: set[float] = set()
+    for d in root.glob(f"{key[:24]}-*"):
+        m = _Entry(d).meta()
+        if m and m.get("key") == key:
+            out |= {float(t) for t in m["temperatures"]}
+    return out
+
+
+# ----------------------------------------------------------------------------- collect
+def collect(patched: PatchedClassifier, dataset, *, temperatures: Sequence[float] = (math.inf,),
+            class_index: Optional[Sequence[int]] = None, batch_size: int = 32, device: Optional[str] = None,
+            amp: Optional[str] = "auto", channels_last: Optional[bool] = None, workers: Optional[int] = None,
+            cache_dir: Optional[Union[str, Path]] = None, fingerprint: Optional[dict] = None,
+            save_every: int = 1024, progress: Optional[Progress] = None) -> Stats:
+    """Run ``patched``'s backbone once per image of ``dataset`` and keep what a λ/T sweep needs.
+
+    Args:
+        patched: a :class:`PatchedClassifier` (its λ and T are not used; all are collected).
+        dataset: a :class:`patchcsra.data.ImageDataset` whose ``transform`` is set; items are
+            ``(image (3, H, W), index, ok)``.
+        temperatures: T values to collect besides :data:`DEFAULT_TEMPERATURES`.
+        class_index: ``(C,)`` model output index per dataset class (default: identity).
+        batch_size, workers: DataLoader settings (``workers=None``: :func:`default_workers`).
+        device: ``auto`` / ``cpu`` / ``cuda[:N]``. amp: ``auto`` (bf16 on CUDA), ``bf16``, ``fp16``, ``none``.
+        channels_last: NHWC memory format (default: on CUDA).
+        cache_dir: where entries are kept; ``None`` disables caching (and resuming).
+        fingerprint: extra facts that identify the run (model spec, transform); hashed into the key.
+        save_every: images per cache part (how much an interruption can lose).
+        progress: ``progress(done, total)`` after every batch.
+
+    Returns:
+        :class:`Stats` over all ``N`` images (``ok`` marks unreadable ones; their rows are zeros).
+    """
+    if not isinstance(patched, PatchedClassifier):
+        raise PatchCSRAError(f"collect needs a PatchedClassifier (from patchcsra.patch), got {type(patched).__name__}")
+    if len(dataset) == 0:
+        raise DatasetError(f"dataset {getattr(dataset, 'name', '')!r} has no images")
+    n = len(dataset)
+    temps = sorted({check_temperature(t) for t in temperatures} | set(DEFAULT_TEMPERATURES))
+    dev = resolve_device(device)
+    amp_dtype = resolve_amp(amp, dev)
+    c_model = int(patched.info.num_classes)
+    index = list(range(c_model)) if class_index is None else [int(i) for i in class_index]
+    if len(index) != len(dataset.classes):
+        raise PatchCSRAError(f"class_index has {len(index)} entries for {len(dataset.classes)} dataset classes")
+    key = _digest({"v": STATS_VERSION, "model": model_fingerprint(patched.split), "data": dataset.fingerprint(),
+                   "index": index, "amp": str(amp_dtype), "extra": fingerprint or {}})
+    entry: Optional[_Entry] = None
+    if cache_dir is not None:
+        root = Path(cache_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        entry = _find_entry(root, key, temps)
+        if entry is None:
+            temps = sorted(set(temps) | _known_temperatures(root, key))
+            entry = _Entry(root / f"{key[:24]}-{_digest(temps)[:8]}")
+            entry.write_meta({"key": key, "n": n, "temperatures": [str(t) for t in temps], "complete": False,
+                              "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "fingerprint": fingerprint or {}})
+        else:
+            temps = sorted(float(t) for t in entry.meta()["temperatures"])  # type: ignore[index]
+    start = entry.done() if entry is not None else 0
+    if start:
+        _logger.info("resuming %s at image %d/%d", entry.path if entry else "", start, n)
+    pieces: list[dict[str, Tensor]] = []
+    if start < n:
+        pieces = _run(patched, dataset, start, temps, index, batch_size, dev, amp_dtype, channels_last,
+                      default_workers() if workers is None else workers, entry, save_every, progress)
+    if entry is not None:
+        data = entry.load(n)
+        m = entry.meta() or {}
+        if not m.get("complete"):
+            m["complete"] = True
+            entry.write_meta(m)
+    else:
+        data = {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
+    tv = tuple(float(t) for t in temps)
+    meta = {"key": key, "cache": str(entry.path) if entry is not None else None, "device": str(dev),
+            "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "none", "forward_images": n - start}
+    return Stats(base=data["base"], max=data["max"], att=data["att"], temperatures=tv,
+                 targets=np.asarray(dataset.targets, dtype=np.int8), ok=data["ok"].numpy().astype(bool),
+                 ids=tuple(dataset.ids), classes=tuple(dataset.classes), single_label=bool(dataset.single_label),
+                 meta=meta)
+
+
+def _run(patched: PatchedClassifier, dataset, start: int, temps: list[float], index: list[int], batch_size: int,
+         dev: torch.device, amp_dtype: Optional[torch.dtype], channels_last: Optional[bool], workers: int,
+         entry: Optional[_Entry], save_every: int, progress: Optional[Progress]) -> list[dict[str, Tensor]]:
+    from torch.utils.data import DataLoader, Subset
+
+    n = len(dataset)
+    model = patched.to(dev).eval()
+    cl = dev.type == "cuda" if channels_last is None else channels_last
+    if cl and patched.info.layout == "NCHW":
+        model = model.to(memory_format=torch.channels_last)
+    loader = DataLoader(Subset(dataset, range(start, n)), batch_size=batch_size, shuffle=False,
+                        num_workers=workers, pin_memory=dev.type == "cuda", persistent_workers=False)
+    idx = torch.as_tensor(index, dtype=torch.long, device=dev)
+    out: list[dict[str, Tensor]] = []
+    buf: list[dict[str, Tensor]] = []
+    buf_start, done = start, start
+    with torch.inference_mode():
+        for x, _, ok in loader:
+            x = x.to(dev, non_blocking=True)
+            if cl and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                f = patched.split.forward_features(x)
+                base = patched.split.forward_baseline(f)
+                s = patched.split.forward_locations(f)
+            base = base.float()[:, idx]
+            s = s.float()[:, idx]
+            mx = s.amax(dim=-1)
+            att = torch.stack([mx if math.isinf(t) else residual_attention(s, t) for t in temps], dim=-1)
+            rec = {"base": base.cpu(), "max": mx.cpu(), "att": att.cpu(), "ok": ok.bool().cpu()}
+            buf.append(rec)
+            done += x.shape[0]
+            if entry is not None and (done - buf_start >= save_every or done == n):
+                entry.save_part(buf_start, {k: torch.cat([b[k] for b in buf]) for k in rec})
+                buf, buf_start = [], done
+            if progress is not None:
+                progress(done, n)
+    if buf:
+        out.append({k: torch.cat([b[k] for b in buf]) for k in buf[0]})
+    return out
