@@ -405,3 +405,22 @@ def test_python_api_sweep_lambda(tmp_path):
 def test_console_script_runs():
     r = subprocess.run([sys.executable, "-m", "patchcsra", "sweep-lambda", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--temperatures" in r.stdout
+
+
+def test_sweep_on_shared_coco_val_fp32_and_bf16(tmp_path):
+    coco = shared_path("data", "coco2017-mini")
+    model = _tiny_model(80)
+    kw = dict(img_size=64, lams=[0, 0.2], workers=0, bootstrap=0, folds=0, device="cpu")
+    run32 = patchcsra.sweep_lambda(model, coco, amp="none", **kw)
+    run16 = patchcsra.sweep_lambda(model, coco, amp="bf16", **kw)
+    s = run32.summary
+    assert s["dataset"]["split"] == "val2017" and s["images"]["scored"] == 158 and len(s["classes"]["names"]) == 80
+    assert s["classes"]["without_positives"] == []  # every category appears in the mini val set
+    assert run16.summary["collect"]["amp"] == "bfloat16" and s["collect"]["amp"] == "none"
+    assert abs(run16.result.baseline["mAP"] - run32.result.baseline["mAP"]) < 2.0
+    assert not np.allclose(run16.stats.base.numpy(), run32.stats.base.numpy())  # bf16 really ran
+
+
+def test_cli_report_bad_dir(tmp_path):
+    r = runner.invoke(app, ["report", str(tmp_path)])
+    assert r.exit_code == 2 and "summary.json" in r.output
