@@ -131,7 +131,7 @@ def to_markdown(display: pd.DataFrame) -> str:
     """GitHub-flavoured Markdown table."""
     flat = display.copy()
     flat.columns = _flat(display)
-    return flat.to_markdown(index=False) + "\n"
+    return flat.to_markdown(index=False, disable_numparse=True) + "\n"
 
 
 def to_latex(display: pd.DataFrame, caption: str = "Baseline vs residual-attention patched scores") -> str:

@@ -424,3 +424,15 @@ def test_sweep_on_shared_coco_val_fp32_and_bf16(tmp_path):
 def test_cli_report_bad_dir(tmp_path):
     r = runner.invoke(app, ["report", str(tmp_path)])
     assert r.exit_code == 2 and "summary.json" in r.output
+
+
+def test_img_size_resizes_a_vit_and_its_transform(tmp_path):
+    root = _folder(tmp_path / "data")
+    prep = patchcsra.prepare("timm:vit_tiny_patch16_224", root, img_size=96, class_map={"a": 0, "b": 1, "c": 2},
+                             load_kwargs={"pretrained": False})
+    assert prep.transform.input_size == (3, 96, 96) and prep.patched.info.num_locations == 36
+    assert prep.fixed_lam == 0.2 and prep.class_index == [0, 1, 2]
+    x, _, ok = prep.dataset[0]
+    assert ok and x.shape == (3, 96, 96)
+    with torch.no_grad():
+        assert prep.patched(x[None]).shape == (1, 1000)
