@@ -36,6 +36,8 @@ _logger = logging.getLogger(__name__)
 STATS_VERSION = 1
 #: collected with every pass (cheap next to the backbone): the paper's multi-head temperature set.
 DEFAULT_TEMPERATURES: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, math.inf)
+#: stats elements (N x C x nT) up to which DEFAULT_TEMPERATURES are collected besides the requested ones.
+EXTRA_T_BUDGET = 2 ** 27
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 
 Progress = Callable[[int, int], None]
@@ -258,7 +260,8 @@ def collect(patched: PatchedClassifier, dataset, *, temperatures: Sequence[float
         patched: a :class:`PatchedClassifier` (its λ and T are not used; all are collected).
         dataset: a :class:`patchcsra.data.ImageDataset` whose ``transform`` is set; items are
             ``(image (3, H, W), index, ok)``.
-        temperatures: T values to collect besides :data:`DEFAULT_TEMPERATURES`.
+        temperatures: T values to collect; ``inf`` always, and :data:`DEFAULT_TEMPERATURES` too while
+            ``N x C x 8 <= EXTRA_T_BUDGET`` (e.g. VOC, COCO; not ImageNet's 50,000 x 1,000).
         class_index: ``(C,)`` model output index per dataset class (default: identity).
         batch_size, workers: DataLoader settings (``workers=None``: :func:`default_workers`).
         device: ``auto`` / ``cpu`` / ``cuda[:N]``. amp: ``auto`` (bf16 on CUDA), ``bf16``, ``fp16``, ``none``.
@@ -276,7 +279,11 @@ def collect(patched: PatchedClassifier, dataset, *, temperatures: Sequence[float
     if len(dataset) == 0:
         raise DatasetError(f"dataset {getattr(dataset, 'name', '')!r} has no images")
     n = len(dataset)
-    temps = sorted({check_temperature(t) for t in temperatures} | set(DEFAULT_TEMPERATURES))
+    temps_req = {check_temperature(t) for t in temperatures} | {math.inf}
+    # the paper's T set rides along for free unless it would make the stats large (ImageNet-sized C)
+    small = n * len(dataset.classes) * len(DEFAULT_TEMPERATURES) <= EXTRA_T_BUDGET
+    extra = set(DEFAULT_TEMPERATURES) if small else set()
+    temps = sorted(temps_req | extra)
     dev = resolve_device(device)
     amp_dtype = resolve_amp(amp, dev)
     c_model = int(patched.info.num_classes)
@@ -289,7 +296,7 @@ def collect(patched: PatchedClassifier, dataset, *, temperatures: Sequence[float
     if cache_dir is not None:
         root = Path(cache_dir)
         root.mkdir(parents=True, exist_ok=True)
-        entry = _find_entry(root, key, temps)
+        entry = _find_entry(root, key, temps_req)
         if entry is None:
             temps = sorted(set(temps) | _known_temperatures(root, key))
             entry = _Entry(root / f"{key[:24]}-{_digest(temps)[:8]}")

@@ -101,6 +101,18 @@ def test_collect_matches_patched_model_and_caches(tmp_path):
     assert st3.meta["forward_images"] == 12 and {0.25, 0.5}.issubset(st3.temperatures)
 
 
+def test_collect_keeps_large_stats_to_the_requested_temperatures(tmp_path, monkeypatch):
+    import patchcsra.stats as S
+
+    ds = open_dataset(_folder(tmp_path / "data", n_per_class=1))
+    model = _tiny_model()
+    spec = resolve_transform(model, img_size=64)
+    ds.transform = spec.build()
+    monkeypatch.setattr(S, "EXTRA_T_BUDGET", 0)
+    st = collect(patchcsra.patch(model, lam=0.0, input_size=spec.input_size), ds, temperatures=[3.5], workers=0)
+    assert st.temperatures == (3.5, math.inf) and st.att.shape == (3, 3, 2)
+
+
 def test_collect_resumes_after_interruption(tmp_path):
     ds = open_dataset(_folder(tmp_path / "data", n_per_class=5))
     model = _tiny_model()
