@@ -132,8 +132,11 @@ def sweep_lambda(source: Union[str, os.PathLike, nn.Module], data: Union[str, os
                  batch_size: int = 32, device: Optional[str] = None, amp: Optional[str] = "auto",
                  channels_last: Optional[bool] = None, workers: Optional[int] = None,
                  cache_dir: Optional[Union[str, Path]] = None, load_kwargs: Optional[dict] = None,
-                 progress: Optional[Callable[[int, int], None]] = None) -> SweepRun:
+                 progress: Optional[Callable[[int, int], None]] = None) -> Optional[SweepRun]:
     """Patch ``source``, collect scores over ``data`` in one pass, and sweep the λ/T grid.
+
+    Under ``torchrun`` (after :func:`patchcsra.dist.init_from_env`) every rank collects its shard and
+    rank 0 gets the result; the other ranks get ``None``.
 
     Args:
         source: ``timm:NAME``, ``torchvision:NAME``, a checkpoint file, or an ``nn.Module``.
@@ -161,6 +164,8 @@ def sweep_lambda(source: Union[str, os.PathLike, nn.Module], data: Union[str, os
                     batch_size=batch_size, device=device, amp=amp, channels_last=channels_last, workers=workers,
                     cache_dir=cache_dir, fingerprint={"transform": prep.transform.as_dict()}, progress=progress)
     seconds = time.perf_counter() - t0
+    if stats is None:  # a non-main torchrun rank: rank 0 has the gathered stats and writes the run
+        return None
     bad = [stats.ids[i] for i in range(len(stats)) if not stats.ok[i]]
     if bad and not skip_bad:
         raise DatasetError(f"{len(bad)} image(s) of {ds.name} could not be read (e.g. {', '.join(bad[:5])}); "

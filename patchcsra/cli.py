@@ -193,10 +193,14 @@ def sweep_lambda(
     """Sweep λ (and T) over a dataset in one forward pass; write a Table-1 report."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from . import dist
     from .api import default_cache_dir, sweep_lambda as run_sweep
     from .report import rich_table, table_frame
     from .sweep import DEFAULT_LAMS
 
+    distributed = dist.init_from_env()
+    if distributed and device == "auto":
+        device = dist.local_device() or "cpu"
     try:
         if out.exists() and not force:
             raise PatchCSRAError(f"--out {out} exists; pass --force to overwrite it")
@@ -210,7 +214,7 @@ def sweep_lambda(
         size = _parse_input_size(input_size)
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=_err,
-                      transient=True) as progress:
+                      transient=True, disable=not dist.is_main()) as progress:
             task = progress.add_task("collecting", total=None, rate="")
             t0 = [None]
 
@@ -233,6 +237,8 @@ def sweep_lambda(
                 load_kwargs={"arch": arch, "weights": weights, "trust": trust, "pretrained": pretrained,
                              "num_classes": num_classes},
                 progress=cb)
+        if run is None:  # another torchrun rank wrote nothing; rank 0 writes the run
+            return
         run.write(out, force=force)
     except PatchCSRAError as e:
         _fail(str(e))
@@ -268,6 +274,60 @@ def report(
     _out.print(rich_table(table, title="Table 1"))
     if out is not None:
         _out.print(f"[green]wrote[/] {out}/", highlight=False)
+
+
+@app.command()
+def explain(
+    source: str = typer.Argument(..., help=SOURCE_HELP),
+    images: list[Path] = typer.Argument(..., help="image files"),
+    out: Path = typer.Option(..., "--out", "-o", help="directory for <image>.png grids and raw .npy maps"),
+    classes: Optional[str] = typer.Option(None, "--classes", help="comma-separated class names or indices "
+                                          "(default: the top predicted)"),
+    top_k: int = typer.Option(3, "--top-k", help="how many top predicted classes when --classes is not given"),
+    lam: Optional[str] = typer.Option(None, "--lam", help="λ of the patched logits shown (default: paper's rule)"),
+    temperature: str = typer.Option("1", "--temperature", "-T", help="T of the attention map (inf: argmax)"),
+    img_size: Optional[int] = typer.Option(None, "--img-size"),
+    input_size: Optional[str] = typer.Option(None, "--input-size", help="C,H,W for models without a config"),
+    crop_pct: Optional[float] = typer.Option(None, "--crop-pct"),
+    interpolation: Optional[str] = typer.Option(None, "--interpolation"),
+    mean: Optional[str] = typer.Option(None, "--mean"),
+    std: Optional[str] = typer.Option(None, "--std"),
+    arch: Optional[str] = typer.Option(None, "--arch", help="architecture of a state-dict file"),
+    weights: Optional[str] = typer.Option(None, "--weights"),
+    num_classes: Optional[int] = typer.Option(None, "--num-classes"),
+    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained"),
+    trust: bool = typer.Option(False, "--trust"),
+    force: bool = typer.Option(False, "--force", help="overwrite existing files in --out"),
+) -> None:
+    """Per-location class scores and attention maps over images (PNG grids + .npy)."""
+    from .data import model_label_names, resolve_transform
+    from .explain import explain_to_dir
+    from .patcher import patch as do_patch
+
+    try:
+        missing = [str(p) for p in images if not p.is_file()]
+        if missing:
+            raise PatchCSRAError(f"image file(s) not found: {', '.join(missing[:5])}")
+        t_v = _parse_float(temperature, "--temperature")
+        lam_v = None if lam is None else _parse_float(lam, "--lam")
+        with _err.status(f"loading {source}"):
+            model = _load(source, arch, weights, trust, pretrained, num_classes)
+        if img_size is not None and input_size is None and hasattr(model, "set_input_size"):
+            model.set_input_size(img_size=(img_size, img_size))
+        spec = resolve_transform(model, img_size=img_size, input_size=_parse_input_size(input_size),
+                                 crop_pct=crop_pct, interpolation=interpolation, mean=_parse_floats(mean, "--mean"),
+                                 std=_parse_floats(std, "--std"))
+        patched = do_patch(model, lam=lam_v, temperature=t_v, input_size=spec.input_size)
+        wanted = None
+        if classes:
+            wanted = [int(c) if c.strip().isdigit() else c.strip() for c in classes.split(",") if c.strip()]
+        with _err.status("explaining"):
+            paths = explain_to_dir(patched, [str(p) for p in images], out, transform_spec=spec, classes=wanted,
+                                   top_k=top_k, temperature=t_v, class_names=model_label_names(model), force=force)
+    except PatchCSRAError as e:
+        _fail(str(e))
+    pngs = [p for p in paths if p.suffix == ".png"]
+    _out.print(f"[green]wrote[/] {len(pngs)} picture(s) and their maps to {out}/", highlight=False)
 
 
 def main() -> None:  # console-script entry point

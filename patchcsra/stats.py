@@ -292,58 +292,122 @@ def collect(patched: PatchedClassifier, dataset, *, temperatures: Sequence[float
         raise PatchCSRAError(f"class_index has {len(index)} entries for {len(dataset.classes)} dataset classes")
     key = _digest({"v": STATS_VERSION, "model": model_fingerprint(patched.split), "data": dataset.fingerprint(),
                    "index": index, "amp": str(amp_dtype), "extra": fingerprint or {}})
-    entry: Optional[_Entry] = None
-    if cache_dir is not None:
-        root = Path(cache_dir)
-        root.mkdir(parents=True, exist_ok=True)
-        entry = _find_entry(root, key, temps_req)
-        if entry is None:
-            temps = sorted(set(temps) | _known_temperatures(root, key))
-            entry = _Entry(root / f"{key[:24]}-{_digest(temps)[:8]}")
-            entry.write_meta({"key": key, "n": n, "temperatures": [str(t) for t in temps], "complete": False,
-                              "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "fingerprint": fingerprint or {}})
-        else:
-            temps = sorted(float(t) for t in entry.meta()["temperatures"])  # type: ignore[index]
+    from . import dist
+
+    workers = default_workers() if workers is None else workers
+    if dist.world_size() > 1:
+        return _collect_distributed(patched, dataset, key, temps, temps_req, index, batch_size, dev, amp_dtype,
+                                    channels_last, workers, cache_dir, fingerprint, progress)
+    entry = _open_entry(cache_dir, key, temps, temps_req, n, fingerprint) if cache_dir is not None else None
+    if entry is not None:
+        temps = sorted(float(t) for t in entry.meta()["temperatures"])  # type: ignore[index]
     start = entry.done() if entry is not None else 0
     if start:
         _logger.info("resuming %s at image %d/%d", entry.path if entry else "", start, n)
     pieces: list[dict[str, Tensor]] = []
     if start < n:
-        pieces = _run(patched, dataset, start, temps, index, batch_size, dev, amp_dtype, channels_last,
-                      default_workers() if workers is None else workers, entry, save_every, progress)
+        pieces = _run(patched, dataset, list(range(start, n)), temps, index, batch_size, dev, amp_dtype,
+                      channels_last, workers, entry, save_every, progress)
     if entry is not None:
         data = entry.load(n)
-        m = entry.meta() or {}
-        if not m.get("complete"):
-            m["complete"] = True
-            entry.write_meta(m)
+        _mark_complete(entry)
     else:
         data = {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
-    tv = tuple(float(t) for t in temps)
+    return _stats(data, temps, dataset, key, entry, dev, amp_dtype, n - start)
+
+
+def _open_entry(cache_dir: Union[str, Path], key: str, temps: list[float], temps_req: set[float], n: int,
+                fingerprint: Optional[dict]) -> _Entry:
+    """The cached entry covering ``temps_req`` (to load or resume), or a new one for ``temps``."""
+    root = Path(cache_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    entry = _find_entry(root, key, temps_req)
+    if entry is None:
+        temps = sorted(set(temps) | _known_temperatures(root, key))
+        entry = _Entry(root / f"{key[:24]}-{_digest(temps)[:8]}")
+        entry.write_meta({"key": key, "n": n, "temperatures": [str(t) for t in temps], "complete": False,
+                          "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "fingerprint": fingerprint or {}})
+    return entry
+
+
+def _mark_complete(entry: _Entry) -> None:
+    m = entry.meta() or {}
+    if not m.get("complete"):
+        m["complete"] = True
+        entry.write_meta(m)
+
+
+def _stats(data: dict[str, Tensor], temps: Sequence[float], dataset, key: str, entry: Optional[_Entry],
+           dev: torch.device, amp_dtype: Optional[torch.dtype], forward_images: int, world: int = 1) -> Stats:
     meta = {"key": key, "cache": str(entry.path) if entry is not None else None, "device": str(dev),
-            "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "none", "forward_images": n - start}
-    return Stats(base=data["base"], max=data["max"], att=data["att"], temperatures=tv,
+            "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "none", "forward_images": forward_images,
+            "world_size": world}
+    return Stats(base=data["base"], max=data["max"], att=data["att"], temperatures=tuple(float(t) for t in temps),
                  targets=np.asarray(dataset.targets, dtype=np.int8), ok=data["ok"].numpy().astype(bool),
                  ids=tuple(dataset.ids), classes=tuple(dataset.classes), single_label=bool(dataset.single_label),
                  meta=meta)
 
 
-def _run(patched: PatchedClassifier, dataset, start: int, temps: list[float], index: list[int], batch_size: int,
+def _collect_distributed(patched, dataset, key, temps, temps_req, index, batch_size, dev, amp_dtype, channels_last,
+                         workers, cache_dir, fingerprint, progress) -> Optional[Stats]:
+    """torchrun: each rank runs its strided shard, rank 0 gathers, caches and returns; others return None.
+
+    A complete cache entry (checked by rank 0) is reused as in a single process; an interrupted distributed
+    pass is not resumed (it is cached only once complete).
+    """
+    from . import dist
+
+    n = len(dataset)
+    entry = None
+    if dist.is_main() and cache_dir is not None:
+        entry = _open_entry(cache_dir, key, temps, temps_req, n, fingerprint)
+    have = dist.broadcast(None if entry is None else (entry.done() == n, entry.meta()["temperatures"]))  # type: ignore[index]
+    if have is not None:
+        temps = sorted(float(t) for t in have[1])
+        if have[0]:
+            return _stats(entry.load(n), temps, dataset, key, entry, dev, amp_dtype, 0,  # type: ignore[union-attr]
+                          dist.world_size()) if dist.is_main() else None
+    mine = dist.shard(n)
+    parts = _run(patched, dataset, mine, temps, index, batch_size, dev, amp_dtype, channels_last, workers, None,
+                 n, progress)
+    part = {k: v for k, v in parts[0].items()} if parts else {}
+    gathered = dist.gather_to_main((mine, part))
+    if not dist.is_main():
+        return None
+    keys = ("base", "max", "att", "ok")
+    first = next(p for _, p in gathered if p)  # type: ignore[union-attr]
+    data = {k: torch.zeros((n,) + tuple(first[k].shape[1:]), dtype=first[k].dtype) for k in keys}
+    for rows, p in gathered:  # type: ignore[union-attr]
+        if rows:
+            r = torch.as_tensor(rows, dtype=torch.long)
+            for k in keys:
+                data[k][r] = p[k]
+    if entry is not None:
+        for _, _, old in entry.parts():  # a partial single-process pass is superseded by the whole one
+            old.unlink()
+        entry.save_part(0, data)
+        _mark_complete(entry)
+    return _stats(data, temps, dataset, key, entry, dev, amp_dtype, n, dist.world_size())
+
+
+def _run(patched: PatchedClassifier, dataset, rows: list[int], temps: list[float], index: list[int], batch_size: int,
          dev: torch.device, amp_dtype: Optional[torch.dtype], channels_last: Optional[bool], workers: int,
          entry: Optional[_Entry], save_every: int, progress: Optional[Progress]) -> list[dict[str, Tensor]]:
     from torch.utils.data import DataLoader, Subset
 
     n = len(dataset)
+    start = rows[0] if rows else n
     model = patched.to(dev).eval()
     cl = dev.type == "cuda" if channels_last is None else channels_last
     if cl and patched.info.layout == "NCHW":
         model = model.to(memory_format=torch.channels_last)
-    loader = DataLoader(Subset(dataset, range(start, n)), batch_size=batch_size, shuffle=False,
+    loader = DataLoader(Subset(dataset, rows), batch_size=batch_size, shuffle=False,
                         num_workers=workers, pin_memory=dev.type == "cuda", persistent_workers=False)
     idx = torch.as_tensor(index, dtype=torch.long, device=dev)
     out: list[dict[str, Tensor]] = []
     buf: list[dict[str, Tensor]] = []
-    buf_start, done = start, start
+    step = rows[1] - rows[0] if len(rows) > 1 else 1  # 1 in a single process; the world size under torchrun
+    buf_start, done, count = start, start, 0
     with torch.inference_mode():
         for x, _, ok in loader:
             x = x.to(dev, non_blocking=True)
@@ -360,11 +424,12 @@ def _run(patched: PatchedClassifier, dataset, start: int, temps: list[float], in
             rec = {"base": base.cpu(), "max": mx.cpu(), "att": att.cpu(), "ok": ok.bool().cpu()}
             buf.append(rec)
             done += x.shape[0]
+            count += x.shape[0]
             if entry is not None and (done - buf_start >= save_every or done == n):
                 entry.save_part(buf_start, {k: torch.cat([b[k] for b in buf]) for k in rec})
                 buf, buf_start = [], done
             if progress is not None:
-                progress(done, n)
+                progress(min(n, start + count * step), n)
     if buf:
         out.append({k: torch.cat([b[k] for b in buf]) for k in buf[0]})
     return out

@@ -1,0 +1,53 @@
+"""torchrun with 2 gloo processes on CPU: sharded collection gathered on rank 0 equals one process."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from patchcsra import dist
+from patchcsra.cli import app
+
+from conftest import HERE, shared_path
+
+runner = CliRunner()
+
+
+def _args(out: Path) -> list[str]:
+    return ["sweep-lambda", str(shared_path("weights", "resnet20-12fca82f.th")), "--arch", "custom_nets:resnet20",
+            "--data", str(shared_path("data", "cifar10-test-subset")), "--input-size", "3,32,32",
+            "--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225", "--no-cache", "-b", "100",
+            "--workers", "0", "--bootstrap", "100", "--lams", "0,0.02,0.05,0.2", "--temperatures", "inf,1",
+            "--out", str(out)]
+
+
+def test_single_process_helpers():
+    assert dist.world_size() == 1 and dist.rank() == 0 and dist.is_main()
+    assert dist.shard(5) == [0, 1, 2, 3, 4]
+    assert dist.gather_to_main({"a": 1}) == [{"a": 1}] and dist.broadcast(3) == 3
+    assert dist.init_from_env() is False
+
+
+def test_torchrun_two_gloo_processes_equal_one_process(tmp_path, monkeypatch):
+    monkeypatch.chdir(HERE)  # custom_nets:resnet20 resolves from the working directory
+    one = runner.invoke(app, _args(tmp_path / "one"))
+    assert one.exit_code == 0, one.output
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                        "2", "-m", "patchcsra"] + _args(tmp_path / "two"), cwd=HERE, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    a = json.loads((tmp_path / "one" / "summary.json").read_text())
+    b = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert b["collect"]["world_size"] == 2 and a["collect"]["world_size"] == 1
+    assert b["images"]["scored"] == 2000
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "one" / "results.csv"),
+                                  pd.read_csv(tmp_path / "two" / "results.csv"))
+    assert a["choices"] == b["choices"] and a["baseline"] == b["baseline"]
+    assert (tmp_path / "one" / "table.md").read_text() == (tmp_path / "two" / "table.md").read_text()
