@@ -15,6 +15,8 @@ from .stats import Stats, collect
 from .sweep import DEFAULT_LAMS, SweepResult, evaluate_grid, sweep
 from .api import SweepRun, prepare, sweep_lambda
 from .errors import DataMismatchError, DatasetError
+from .csra import AttentionPoolHead, CSRAHead, HeadedClassifier, attach_head
+from .train import TrainConfig, train_head
 
 __version__ = "0.1.0"
 
@@ -23,5 +25,6 @@ __all__ = [
     "default_lam", "discover", "HeadInfo", "HeadSplit", "list_adapters", "register_adapter",
     "Stats", "collect", "DEFAULT_LAMS", "SweepResult", "evaluate_grid", "sweep", "SweepRun", "prepare",
     "sweep_lambda", "PatchCSRAError", "SourceError", "TrustError", "HeadNotFoundError", "ExportError",
-    "DatasetError", "DataMismatchError",
+    "DatasetError", "DataMismatchError", "CSRAHead", "AttentionPoolHead", "HeadedClassifier", "attach_head",
+    "TrainConfig", "train_head",
 ]

@@ -330,6 +330,129 @@ def explain(
     _out.print(f"[green]wrote[/] {len(pngs)} picture(s) and their maps to {out}/", highlight=False)
 
 
+@app.command("train-head")
+def train_head_cmd(
+    source: str = typer.Argument(..., help=SOURCE_HELP),
+    data: Path = typer.Option(..., "--data", help="training dataset (VOC, COCO, ImageFolder, manifest)"),
+    out: Path = typer.Option(..., "--out", "-o", help="run directory (checkpoints, history, model.pt)"),
+    split: Optional[str] = typer.Option("train", "--split", help="training split; a validation part is carved "
+                                        "from it for model selection"),
+    eval_split: Optional[str] = typer.Option(None, "--eval-split", help="after training, evaluate on this split "
+                                             "(Table-1 run in OUT/eval)"),
+    data_format: Optional[str] = typer.Option(None, "--data-format"),
+    kind: str = typer.Option("csra", "--kind", help="csra | attention"),
+    heads: int = typer.Option(1, "--heads", help="CSRA heads H (1, 2, 4, 6, 8: the paper's temperature sets)"),
+    lam: float = typer.Option(0.1, "--lam", help="λ of the CSRA head"),
+    temperatures: Optional[str] = typer.Option(None, "--temperatures", help="override the H temperatures"),
+    mode: str = typer.Option("frozen", "--mode", help="frozen (cached features, head only) | finetune"),
+    epochs: int = typer.Option(30, "--epochs"),
+    batch_size: int = typer.Option(16, "--batch-size", "-b"),
+    lr_head: float = typer.Option(0.1, "--lr-head"),
+    lr_backbone: float = typer.Option(0.01, "--lr-backbone"),
+    momentum: float = typer.Option(0.9, "--momentum"),
+    weight_decay: float = typer.Option(1e-4, "--weight-decay"),
+    warmup_epochs: float = typer.Option(1.0, "--warmup-epochs"),
+    lr_step: int = typer.Option(10, "--lr-step", help="decay the lr every N epochs"),
+    lr_gamma: float = typer.Option(0.1, "--lr-gamma"),
+    val_fraction: float = typer.Option(0.1, "--val-fraction"),
+    seed: int = typer.Option(0, "--seed"),
+    init: str = typer.Option("pretrained", "--init", help="pretrained (from the model's classifier) | random"),
+    class_map: Optional[Path] = typer.Option(None, "--class-map"),
+    difficult: str = typer.Option("ignore", "--difficult"),
+    img_size: Optional[int] = typer.Option(None, "--img-size"),
+    input_size: Optional[str] = typer.Option(None, "--input-size"),
+    crop_pct: Optional[float] = typer.Option(None, "--crop-pct"),
+    interpolation: Optional[str] = typer.Option(None, "--interpolation"),
+    mean: Optional[str] = typer.Option(None, "--mean"),
+    std: Optional[str] = typer.Option(None, "--std"),
+    workers: Optional[int] = typer.Option(None, "--workers", "-j"),
+    device: str = typer.Option("auto", "--device"),
+    arch: Optional[str] = typer.Option(None, "--arch"),
+    weights: Optional[str] = typer.Option(None, "--weights"),
+    num_classes: Optional[int] = typer.Option(None, "--num-classes"),
+    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained"),
+    trust: bool = typer.Option(False, "--trust"),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted run in OUT"),
+    force: bool = typer.Option(False, "--force", help="delete OUT and start over"),
+) -> None:
+    """Train a CSRA (or attention-pooling) head on a pretrained backbone."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from . import dist
+    from .api import sweep_lambda as run_sweep
+    from .data import align_classes, model_label_ids, model_label_names, open_dataset, resolve_transform
+    from .report import rich_table, table_frame
+    from .sources import PatchedArchive
+    from .train import TrainConfig, train_head
+
+    dist.init_from_env()
+    try:
+        temps = _parse_floats(temperatures, "--temperatures")
+        cfg = TrainConfig(kind=kind, heads=heads, lam=lam, temperatures=tuple(temps) if temps else None, mode=mode,
+                          epochs=epochs, batch_size=batch_size, lr_head=lr_head, lr_backbone=lr_backbone,
+                          momentum=momentum, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
+                          lr_step=lr_step, lr_gamma=lr_gamma, val_fraction=val_fraction, seed=seed,
+                          init=init).check()
+        if out.exists() and not (resume or force):
+            raise PatchCSRAError(f"--out {out} exists; pass --resume to continue it or --force to start over")
+        if difficult not in ("ignore", "positive"):
+            raise PatchCSRAError(f"--difficult {difficult!r}: choose ignore or positive")
+        ds = open_dataset(data, format=data_format, split=split, difficult=difficult)
+        model = _load(source, arch, weights, trust, pretrained, num_classes)
+        if isinstance(model, PatchedArchive):
+            raise PatchCSRAError(f"{source} is a patched file; train on the original model")
+        if img_size is not None and input_size is None and hasattr(model, "set_input_size"):
+            model.set_input_size(img_size=(img_size, img_size))
+        spec = resolve_transform(model, img_size=img_size, input_size=_parse_input_size(input_size),
+                                 crop_pct=crop_pct, interpolation=interpolation, mean=_parse_floats(mean, "--mean"),
+                                 std=_parse_floats(std, "--std"))
+        from .patcher import describe as do_describe
+
+        n_out = do_describe(model, input_size=spec.input_size).num_classes
+        index = None
+        if class_map is not None or len(ds.classes) == n_out or model_label_names(model):
+            try:
+                index = align_classes(ds.classes, n_out, model_names=model_label_names(model),
+                                      model_ids=model_label_ids(model), class_map=class_map).tolist()
+            except PatchCSRAError:
+                if class_map is not None:
+                    raise
+                index = None  # another label set: a fresh head of len(classes) outputs
+        with Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                      TimeElapsedColumn(), console=_err, transient=True, disable=not dist.is_main()) as progress:
+            task = progress.add_task("train", total=None, epoch="", info="")
+
+            def cb(e: dict) -> None:
+                if e.get("done"):
+                    _err.print(f"epoch {e['epoch']}/{e['epochs']}: loss {e['train_loss']:.4f}, "
+                               + ", ".join(f"{k} {v:.2f}" for k, v in e.items() if k.startswith("val_"))
+                               + f", {e['images_per_s']} img/s", highlight=False)
+                    return
+                progress.update(task, completed=e["step"], total=e["steps"], epoch=f"{e['epoch']}/{e['epochs']}",
+                                info=f"loss {e['loss']:.4f} lr {e['lr']:.2g} {e['images_per_s']:.0f} img/s")
+
+            result = train_head(model, ds, out, config=cfg, transform=spec, resume=resume, force=force,
+                                device=None if device == "auto" else device, workers=workers, source=source,
+                                class_index=index, progress=cb)
+        evaluated = None
+        if eval_split is not None:
+            evaluated = run_sweep(result.model, data, split=eval_split, data_format=data_format,
+                                  difficult=difficult, workers=workers, device=None if device == "auto" else device,
+                                  cache_dir=None, bootstrap=1000)
+            if evaluated is not None:
+                name = f"{Path(source).name if Path(source).exists() else source} + {kind}"
+                evaluated.summary["model"]["name"] = name + (f" H={heads}" if kind == "csra" else "")
+                evaluated.write(out / "eval", force=True)
+    except PatchCSRAError as e:
+        _fail(str(e))
+    if not dist.is_main():
+        return
+    _out.print(f"[green]wrote[/] {out}/: best epoch {result.best_epoch} (val {result.metric} "
+               f"{result.best_metric:.2f}), model.pt, history.csv, curve.png", highlight=False)
+    if evaluated is not None:
+        _out.print(rich_table(table_frame([evaluated.summary]), title=f"{eval_split}: trained head"))
+
+
 def main() -> None:  # console-script entry point
     app()
 

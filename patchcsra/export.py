@@ -26,7 +26,7 @@ from .heads.base import allclose_logits, probe_input
 from .sources import META_FILE
 from .patcher import PatchedClassifier
 
-__all__ = ["save_patched", "export_format", "atomic_path", "patched_metadata"]
+__all__ = ["save_patched", "save_module", "export_format", "atomic_path", "patched_metadata"]
 
 FORMATS = ("torchscript", "export")
 
@@ -89,19 +89,29 @@ def save_patched(patched: PatchedClassifier, path: Union[str, os.PathLike], *, f
     renamed into place.
     """
     fmt = export_format(path, fmt)
-    meta = patched_metadata(patched, source, fmt)
-    size = patched.info.probe_input_size
+    return save_module(patched, path, patched_metadata(patched, source, fmt), patched.info.probe_input_size,
+                       fmt=fmt, force=force)
+
+
+def save_module(module: torch.nn.Module, path: Union[str, os.PathLike], meta: dict, input_size, *,
+                fmt: Optional[str] = None, force: bool = False) -> Path:
+    """Any classifier ``(B, C, H, W) -> (B, K)`` as TorchScript / ``.pt2`` with ``meta`` as ``patchcsra.json``.
+
+    Traced/exported on a probe of ``input_size``, checked on a batch of another size, written atomically.
+    """
+    fmt = export_format(path, fmt)
+    size = tuple(input_size)
     x = probe_input(size, batch=2)
     x_check = probe_input(size, batch=3) * 0.5
-    patched = patched.eval()
+    module = module.eval()
     with torch.no_grad():
-        expected = patched(x_check)
-    extra = {META_FILE: json.dumps(meta, indent=1)}
+        expected = module(x_check)
+    extra = {META_FILE: json.dumps(meta, indent=1, default=str)}
     with atomic_path(path, force=force) as tmp, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if fmt == "torchscript":
             try:
-                ts = torch.jit.trace(patched, x, check_trace=False)
+                ts = torch.jit.trace(module, x, check_trace=False)
             except Exception as e:  # noqa: BLE001
                 raise ExportError(f"{path}: TorchScript tracing failed ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0][:160] if str(e) else ''}); try a .pt2 output") from e
@@ -110,13 +120,13 @@ def save_patched(patched: PatchedClassifier, path: Union[str, os.PathLike], *, f
         else:
             batch = torch.export.Dim("batch", min=1, max=65536)
             try:
-                ep = torch.export.export(patched, (x,), dynamic_shapes=({0: batch},), strict=False)
+                ep = torch.export.export(module, (x,), dynamic_shapes=({0: batch},), strict=False)
             except Exception as e:  # noqa: BLE001
                 raise ExportError(f"{path}: torch.export failed ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0][:160] if str(e) else ''}); try a .pt (TorchScript) output") from e
             got = ep.module()(x_check)
             torch.export.save(ep, str(tmp), extra_files=extra)
         if not allclose_logits(got, expected, rel=1e-4):
-            raise ExportError(f"{path}: the {fmt} model does not reproduce the patched model on a batch of "
+            raise ExportError(f"{path}: the {fmt} model does not reproduce the in-memory model on a batch of "
                               "another size; try the other format")
     return Path(path)

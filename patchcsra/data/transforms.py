@@ -187,6 +187,9 @@ def _inner(model: nn.Module) -> nn.Module:
 
 
 def _from_model(model: nn.Module) -> tuple[Optional[dict], str]:
+    own = getattr(model, "patchcsra_source", None)
+    if isinstance(own, dict) and isinstance(own.get("transform"), dict):  # e.g. a trained-head model's record
+        return dict(own["transform"]), "model record"
     m = _inner(model)
     cfg = getattr(m, "pretrained_cfg", None)
     if isinstance(cfg, dict) and cfg.get("mean") and cfg.get("input_size"):

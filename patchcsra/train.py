@@ -1,0 +1,424 @@
+"""Train a CSRA / attention-pooling head on a pretrained backbone (frozen or fine-tuned).
+
+* :class:`TrainConfig` -- every number of the recipe, defaults from the paper (§4): SGD momentum 0.9,
+  weight decay 1e-4, lr 0.1 head / 0.01 backbone, linear warm-up, step decay, 30 epochs, BCE for
+  multi-label (ignored entries masked) / CE for single-label, flip + random resized crop when fine-tuning.
+* :func:`train_head` -- ``frozen`` (default): the backbone's feature maps are computed once and cached
+  in the run directory, so every epoch costs only the head; ``finetune``: the whole model trains with
+  augmentation. The best epoch is chosen on a validation part carved (seeded) from the *training*
+  data -- never on the test split. A checkpoint is written atomically after every epoch; ``resume``
+  continues an interrupted run and ends with the same weights as an uninterrupted one.
+* Under ``torchrun`` the trainable module is wrapped in ``DistributedDataParallel``; every rank takes a
+  strided shard of each epoch's (seeded) batch order, and rank 0 writes the files.
+
+Run directory: ``checkpoint.pt``, ``features.pt`` (frozen), ``history.csv``, ``curve.png``,
+``model.pt`` (TorchScript of the best model, reloads in plain PyTorch) and ``summary.json``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import dist
+from . import metrics as M
+from .csra import HeadedClassifier, attach_head
+from .errors import PatchCSRAError
+
+__all__ = ["TrainConfig", "TrainResult", "train_head", "carve_validation", "lr_factor", "masked_bce"]
+
+_logger = logging.getLogger(__name__)
+CHECKPOINT = "checkpoint.pt"
+FEATURES = "features.pt"
+
+Progress = Callable[[dict], None]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The recipe. ``mode``: ``frozen`` (cached features, head only) or ``finetune`` (everything)."""
+
+    kind: str = "csra"
+    heads: int = 1
+    lam: float = 0.1
+    temperatures: Optional[tuple[float, ...]] = None
+    mode: str = "frozen"
+    epochs: int = 30
+    batch_size: int = 16
+    lr_head: float = 0.1
+    lr_backbone: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    lr_step: int = 10
+    lr_gamma: float = 0.1
+    val_fraction: float = 0.1
+    seed: int = 0
+    init: str = "pretrained"
+
+    def check(self) -> "TrainConfig":
+        if self.kind not in ("csra", "attention"):
+            raise PatchCSRAError(f"kind={self.kind!r}: choose csra or attention")
+        if self.mode not in ("frozen", "finetune"):
+            raise PatchCSRAError(f"mode={self.mode!r}: choose frozen or finetune")
+        for name in ("epochs", "batch_size", "lr_step"):
+            if int(getattr(self, name)) < 1:
+                raise PatchCSRAError(f"{name}={getattr(self, name)!r}: give an integer >= 1")
+        for name in ("lr_head", "lr_backbone", "weight_decay", "warmup_epochs", "lam"):
+            v = float(getattr(self, name))
+            if not math.isfinite(v) or v < 0:
+                raise PatchCSRAError(f"{name}={getattr(self, name)!r}: give a finite number >= 0")
+        if not 0 < self.val_fraction < 1:
+            raise PatchCSRAError(f"val_fraction={self.val_fraction!r}: give a fraction in (0, 1), e.g. 0.1")
+        return self
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if self.temperatures is not None:
+            d["temperatures"] = ["inf" if math.isinf(t) else t for t in self.temperatures]
+        return d
+
+
+@dataclass
+class TrainResult:
+    """The best model (eval mode, on CPU), its history and the run's record."""
+
+    model: HeadedClassifier
+    history: pd.DataFrame
+    best_epoch: int
+    best_metric: float
+    metric: str
+    summary: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- small parts
+def carve_validation(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split of ``range(n)`` into (train, val) index arrays; val has ``max(1, round(f n))`` images."""
+    if n < 2:
+        raise PatchCSRAError(f"{n} training image(s): need at least 2 to carve a validation part")
+    k = min(n - 1, max(1, int(round(fraction * n))))
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[k:]), np.sort(perm[:k])
+
+
+def lr_factor(it: int, iters_per_epoch: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over ``warmup_epochs``, then ``lr_gamma`` every ``lr_step`` epochs."""
+    warm = cfg.warmup_epochs * iters_per_epoch
+    if warm > 0 and it < warm:
+        return (it + 1) / warm
+    return cfg.lr_gamma ** ((it // max(1, iters_per_epoch)) // cfg.lr_step)
+
+
+def masked_bce(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean binary cross-entropy over entries with target 0/1; -1 (ignored/difficult) entries are masked out."""
+    mask = (targets >= 0).to(logits.dtype)
+    loss = F.binary_cross_entropy_with_logits(logits, targets.clamp(min=0).to(logits.dtype), reduction="none")
+    return (loss * mask).sum() / mask.sum().clamp(min=1)
+
+
+def _loss(logits: Tensor, targets: Tensor, single_label: bool) -> Tensor:
+    if single_label:
+        return F.cross_entropy(logits, targets.argmax(dim=1))
+    return masked_bce(logits, targets)
+
+
+def _metric(scores: np.ndarray, targets: np.ndarray, single_label: bool) -> float:
+    if single_label:
+        return float(M.topk_accuracy(scores, targets.argmax(1), ks=(1,))["top1"])
+    return float(M.mean_average_precision(scores, targets)[0])
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- data
+def _train_transform(spec) -> Callable:
+    """Random resized crop + horizontal flip at the model's input size, then the model's normalisation."""
+    from torchvision import transforms as T
+    from torchvision.transforms import InterpolationMode
+
+    c, h, w = spec.input_size
+    steps: list[Callable] = [T.Grayscale(1)] if c == 1 else []
+    steps += [T.RandomResizedCrop((h, w), interpolation=InterpolationMode(spec.interpolation)),
+              T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(spec.mean, spec.std)]
+    return T.Compose(steps)
+
+
+def _features(model: HeadedClassifier, dataset, rows: list[int], batch_size: int, workers: int,
+              dev: torch.device) -> tuple[Tensor, Tensor]:
+    """Feature maps ``(n, d, h, w)`` (float16, CPU) and ok flags of ``rows``."""
+    from torch.utils.data import DataLoader, Subset
+
+    feats, oks = [], []
+    model.to(dev).eval()
+    with torch.inference_mode():
+        for x, _, ok in DataLoader(Subset(dataset, rows), batch_size=batch_size, num_workers=workers,
+                                   pin_memory=dev.type == "cuda"):
+            feats.append(model.forward_features(x.to(dev, non_blocking=True)).half().cpu())
+            oks.append(ok.bool())
+    return torch.cat(feats), torch.cat(oks)
+
+
+def _cached_features(model: HeadedClassifier, dataset, out: Path, key: str, batch_size: int, workers: int,
+                     dev: torch.device) -> tuple[Tensor, Tensor, float]:
+    """All training images' features, computed once (sharded across torchrun ranks) and kept in ``out``."""
+    path = out / FEATURES
+    if path.exists():
+        blob = torch.load(path, weights_only=True)
+        if blob.get("key") == key:
+            return blob["features"], blob["ok"], 0.0
+    t0 = time.perf_counter()
+    rows = dist.shard(len(dataset))
+    f, ok = _features(model, dataset, rows, batch_size, workers, dev)
+    parts = dist.gather_to_main((rows, f, ok))
+    if dist.is_main():
+        feats = torch.zeros((len(dataset),) + tuple(f.shape[1:]), dtype=f.dtype)
+        oks = torch.zeros(len(dataset), dtype=torch.bool)
+        for r, fr, okr in parts:  # type: ignore[union-attr]
+            idx = torch.as_tensor(r, dtype=torch.long)
+            feats[idx], oks[idx] = fr, okr
+        _atomic_save({"key": key, "features": feats, "ok": oks}, path)
+    dist.barrier()
+    if not dist.is_main():
+        blob = torch.load(path, weights_only=True)
+        feats, oks = blob["features"], blob["ok"]
+    return feats, oks, time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------- training
+def train_head(model: nn.Module, dataset, out_dir: Union[str, Path], *, config: TrainConfig = TrainConfig(),
+               transform=None, resume: bool = False, force: bool = False, device: Optional[str] = None,
+               workers: Optional[int] = None, source: Optional[str] = None,
+               class_index: Optional[Sequence[int]] = None, progress: Optional[Progress] = None) -> TrainResult:
+    """Attach a CSRA / attention-pooling head to ``model`` and train it on ``dataset``.
+
+    Args:
+        model: a pretrained classifier (any model :func:`patchcsra.patch` accepts) whose outputs match
+            the dataset's classes (see :func:`patchcsra.data.align_classes`).
+        dataset: a training :class:`~patchcsra.data.ImageDataset` (its ``transform`` is replaced).
+        out_dir: run directory (checkpoints, history, model); must not exist unless ``resume``/``force``.
+        config: the recipe (:class:`TrainConfig`).
+        transform: the model's :class:`~patchcsra.data.TransformSpec` (default: resolved from the model).
+        resume: continue from ``out_dir/checkpoint.pt`` (same config and data required).
+        force: delete an existing ``out_dir`` first.
+        device: ``auto``/``cpu``/``cuda``; under torchrun each rank uses its local GPU.
+        workers: DataLoader workers (default: cores - 1).
+        source: the model's spec, for the record.
+        class_index: model output per dataset class (from :func:`patchcsra.data.align_classes`): the head
+            starts from those rows of the pretrained classifier. Without it, a dataset whose class count
+            differs from the model's gets a freshly initialised head.
+        progress: called with a dict (``epoch, step, steps, loss, lr, images_per_s``) after every step.
+
+    Returns:
+        :class:`TrainResult` with the best epoch's model (chosen on the carved validation part).
+    """
+    from .data import resolve_transform
+    from .stats import default_workers, resolve_device
+
+    cfg = config.check()
+    out = Path(out_dir)
+    if out.exists() and not (resume or force):
+        raise PatchCSRAError(f"{out} exists; pass --resume to continue it or --force to start over")
+    if force and not resume and out.exists() and dist.is_main():
+        shutil.rmtree(out)
+    dist.barrier()
+    out.mkdir(parents=True, exist_ok=True)
+    dev = resolve_device(dist.local_device() or device)
+    workers = default_workers() if workers is None else workers
+    spec = transform or resolve_transform(model)
+    torch.manual_seed(cfg.seed)
+    headed = attach_head(model, cfg.kind, heads=cfg.heads, lam=cfg.lam, temperatures=cfg.temperatures,
+                         input_size=spec.input_size, init=cfg.init, class_index=class_index,
+                         num_classes=len(dataset.classes))
+    for p in headed.parameters():
+        p.requires_grad_(True)
+    n = len(dataset)
+    targets = torch.as_tensor(np.asarray(dataset.targets), dtype=torch.float32)
+    single = bool(dataset.single_label)
+    metric_name = "top1" if single else "mAP"
+    train_rows, val_rows = carve_validation(n, cfg.val_fraction, cfg.seed)
+    key = json.dumps({"data": dataset.fingerprint(), "config": cfg.as_dict(), "transform": spec.as_dict(),
+                      "class_index": None if class_index is None else [int(i) for i in class_index]},
+                     sort_keys=True)
+    ckpt_path = out / CHECKPOINT
+    state = None
+    if resume and ckpt_path.exists():
+        state = torch.load(ckpt_path, weights_only=False)
+        if state.get("key") != key:
+            raise PatchCSRAError(f"{ckpt_path} belongs to another run (config, data or transform differ); "
+                                 "use another --out or --force")
+
+    dataset.transform = spec.build()
+    feats = oks = None
+    feat_seconds = 0.0
+    if cfg.mode == "frozen":
+        from .stats import model_fingerprint
+
+        feat_key = json.dumps({"data": dataset.fingerprint(), "transform": spec.as_dict(),
+                               "model": model_fingerprint(headed.split)}, sort_keys=True)
+        feats, oks, feat_seconds = _cached_features(headed, dataset, out, feat_key, cfg.batch_size, workers, dev)
+        good = oks.numpy()
+        if not good.all():
+            _logger.warning("training without %d unreadable image(s)", int((~good).sum()))
+            train_rows, val_rows = train_rows[good[train_rows]], val_rows[good[val_rows]]
+        trainable: nn.Module = headed.head
+        groups = [{"params": list(headed.head.parameters()), "lr": cfg.lr_head}]
+    else:
+        trainable = headed
+        groups = [{"params": headed.backbone_parameters(), "lr": cfg.lr_backbone},
+                  {"params": headed.head_parameters(), "lr": cfg.lr_head}]
+    for p in headed.parameters():
+        p.requires_grad_(False)
+    for g in groups:
+        for p in g["params"]:
+            p.requires_grad_(True)
+    headed.to(dev)
+    opt = torch.optim.SGD(groups, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    world, rank = dist.world_size(), dist.rank()
+    iters = max(1, math.ceil(len(train_rows) / (cfg.batch_size * world)))
+    base_lrs = [g["lr"] for g in groups]
+    history: list[dict] = []
+    best = {"epoch": -1, "metric": -math.inf, "state": None}
+    start_epoch = 0
+    if state is not None:
+        trainable.load_state_dict(state["trainable"])
+        opt.load_state_dict(state["optimizer"])
+        history, best, start_epoch = state["history"], state["best"], state["epoch"]
+        _logger.info("resuming %s after epoch %d", out, start_epoch)
+    module = trainable
+    if world > 1:
+        module = nn.parallel.DistributedDataParallel(
+            trainable, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+    for epoch in range(start_epoch, cfg.epochs):
+        torch.manual_seed(cfg.seed * 100003 + epoch)  # dropout etc.: the same on resume
+        g = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
+        order = train_rows[torch.randperm(len(train_rows), generator=g).numpy()]
+        mine = order[rank::world]
+        t0 = time.perf_counter()
+        loss_sum, seen = 0.0, 0
+        if cfg.mode == "frozen":
+            headed.eval()
+            batches = [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
+            loader: Any = ((feats[torch.as_tensor(b)].float(), torch.as_tensor(b)) for b in batches)  # type: ignore[index]
+            steps = len(batches)
+        else:
+            from torch.utils.data import DataLoader, Subset
+
+            headed.train()
+            train_ds = copy.copy(dataset)
+            train_ds.transform = _train_transform(spec)
+            loader = ((x[ok], i[ok]) for x, i, ok in DataLoader(
+                Subset(train_ds, mine.tolist()), batch_size=cfg.batch_size, shuffle=False, num_workers=workers,
+                pin_memory=dev.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed + epoch)))
+            steps = math.ceil(len(mine) / cfg.batch_size)
+        for step, (x, idx) in enumerate(loader):
+            it = epoch * iters + step
+            for grp, lr0 in zip(opt.param_groups, base_lrs):
+                grp["lr"] = lr0 * lr_factor(it, iters, cfg)
+            x = x.to(dev, non_blocking=True)
+            y = targets[idx].to(dev)
+            logits = module(x)
+            loss = _loss(logits, y, single)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += float(loss) * len(idx)
+            seen += len(idx)
+            if progress is not None and dist.is_main():
+                progress({"epoch": epoch + 1, "epochs": cfg.epochs, "step": step + 1, "steps": steps,
+                          "loss": loss_sum / max(1, seen), "lr": opt.param_groups[-1]["lr"],
+                          "images_per_s": seen * world / max(time.perf_counter() - t0, 1e-9)})
+        train_seconds = time.perf_counter() - t0
+        val = _validate(headed, dataset, val_rows, feats, cfg, workers, dev, targets, single)
+        row = {"epoch": epoch + 1, "lr": opt.param_groups[-1]["lr"], "train_loss": loss_sum / max(1, seen),
+               f"val_{metric_name}": val, "seconds": round(train_seconds, 3),
+               "images_per_s": round(seen * world / max(train_seconds, 1e-9), 1)}
+        history.append(row)
+        if val > best["metric"]:
+            best = {"epoch": epoch + 1, "metric": val, "state": copy.deepcopy(trainable.state_dict())}
+        if dist.is_main():
+            _atomic_save({"key": key, "epoch": epoch + 1, "trainable": trainable.state_dict(),
+                          "optimizer": opt.state_dict(), "history": history, "best": best}, ckpt_path)
+            _write_history(out, history, metric_name)
+        if progress is not None and dist.is_main():
+            progress({"epoch": epoch + 1, "epochs": cfg.epochs, "done": True, **row})
+    dist.barrier()
+    if best["state"] is not None:
+        trainable.load_state_dict(best["state"])
+    headed = headed.cpu().eval()
+    headed.patchcsra_source = {"transform": spec.as_dict(), "spec": source}  # the sweep reads its transform
+    summary = {"config": cfg.as_dict(), "source": source, "metric": metric_name, "best_epoch": best["epoch"],
+               f"best_val_{metric_name}": best["metric"], "train_images": int(len(train_rows)),
+               "val_images": int(len(val_rows)), "dataset": {"name": dataset.name, "split": dataset.split,
+                                                              "fingerprint": dataset.fingerprint()},
+               "transform": spec.as_dict(), "head": headed.head_info, "world_size": world,
+               "feature_seconds": round(feat_seconds, 3)}
+    result = TrainResult(headed, pd.DataFrame(history), best["epoch"], best["metric"], metric_name, summary)
+    if dist.is_main():
+        _write_model(result, out, spec)
+    return result
+
+
+def _validate(headed: HeadedClassifier, dataset, rows: np.ndarray, feats: Optional[Tensor], cfg: TrainConfig,
+              workers: int, dev: torch.device, targets: Tensor, single: bool) -> float:
+    """The selection metric on the carved validation images (eval mode, no augmentation)."""
+    headed.eval()
+    outs = []
+    with torch.inference_mode():
+        if feats is not None:
+            for i in range(0, len(rows), 256):
+                outs.append(headed.forward_head(feats[torch.as_tensor(rows[i:i + 256])].float().to(dev)).float().cpu())
+        else:
+            f, _ = _features(headed, dataset, rows.tolist(), cfg.batch_size, workers, dev)
+            for i in range(0, len(f), 256):
+                outs.append(headed.forward_head(f[i:i + 256].float().to(dev)).float().cpu())
+    return _metric(torch.cat(outs).numpy(), targets[torch.as_tensor(rows)].numpy().astype(np.int8), single)
+
+
+def _write_history(out: Path, history: list[dict], metric: str) -> None:
+    frame = pd.DataFrame(history)
+    tmp = out / ".history.csv.tmp"
+    frame.to_csv(tmp, index=False)
+    os.replace(tmp, out / "history.csv")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 3.8), dpi=110)
+    ax = fig.subplots()
+    ax.plot(frame["epoch"], frame["train_loss"], color="tab:blue", marker="o", ms=3, label="train loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("train loss", color="tab:blue")
+    ax2 = ax.twinx()
+    ax2.plot(frame["epoch"], frame[f"val_{metric}"], color="tab:red", marker="s", ms=3, label=f"val {metric}")
+    ax2.set_ylabel(f"val {metric} (%)", color="tab:red")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / ".curve.png.tmp.png")
+    os.replace(out / ".curve.png.tmp.png", out / "curve.png")
+
+
+def _write_model(result: TrainResult, out: Path, spec) -> None:
+    from .export import save_module
+
+    meta = {"kind": "trained-head", "head": result.model.head_info, "transform": spec.as_dict(),
+            "train": {k: v for k, v in result.summary.items() if k not in ("transform", "head")}}
+    save_module(result.model, out / "model.pt", meta, spec.input_size, fmt="torchscript", force=True)
+    tmp = out / ".summary.json.tmp"
+    tmp.write_text(json.dumps(result.summary, indent=1, default=str) + "\n")
+    os.replace(tmp, out / "summary.json")
