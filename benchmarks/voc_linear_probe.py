@@ -42,6 +42,47 @@ def mobilenet_v2_tf_same(weights: Path):
     return model.eval()
 
 
+def build_probe(voc: str, *, weights: str = str(SHARED / "weights" / "mobilenet_v2_1.0_224_quant_float.safetensors"),
+                img_size: int = 224, batch_size: int = 50, workers=None, C: float = 1.0, verbose: bool = True):
+    """The shared MobileNetV2 with a VOC linear head fitted on VOC2007 ``train``; returns (model, transform kwargs)."""
+    import numpy as np
+    import torch
+    from sklearn.linear_model import LogisticRegression
+    from torch.utils.data import DataLoader
+
+    from patchcsra.data import open_dataset, resolve_transform
+    from patchcsra.stats import default_workers
+
+    workers = default_workers() if workers is None else workers
+    model = mobilenet_v2_tf_same(Path(weights))
+    s = img_size
+    tf = dict(input_size=(3, s, s), crop_pct=0.875, interpolation="bilinear", mean=(128 / 255,) * 3,
+              std=(128 / 255,) * 3)
+    spec = resolve_transform(model, **tf)
+    train = open_dataset(voc, split="train")
+    train.transform = spec.build()
+    t0 = time.perf_counter()
+    feats = []
+    with torch.inference_mode():
+        for x, _, ok in DataLoader(train, batch_size=batch_size, num_workers=workers):
+            feats.append(model.features(x).mean((2, 3)))
+    f = torch.cat(feats).numpy().astype(np.float64)
+    w = np.zeros((20, f.shape[1]))
+    b = np.zeros(20)
+    for j in range(20):
+        keep = train.targets[:, j] >= 0  # difficult-only entries are left out of training as well
+        clf = LogisticRegression(C=C, max_iter=2000).fit(f[keep], train.targets[keep, j] == 1)
+        w[j], b[j] = clf.coef_[0], clf.intercept_[0]
+    head = torch.nn.Linear(f.shape[1], 20)
+    with torch.no_grad():
+        head.weight.copy_(torch.as_tensor(w, dtype=torch.float32))
+        head.bias.copy_(torch.as_tensor(b, dtype=torch.float32))
+    model.classifier[1] = head
+    if verbose:
+        print(f"head fitted on {len(train)} VOC2007 train images ({time.perf_counter() - t0:.1f} s, CPU)")
+    return model, tf
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--weights", default=str(SHARED / "weights" / "mobilenet_v2_1.0_224_quant_float.safetensors"))
@@ -55,44 +96,13 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="store_true")
     a = p.parse_args(argv)
 
-    import numpy as np
-    import torch
-    from sklearn.linear_model import LogisticRegression
-    from torch.utils.data import DataLoader
-
     import patchcsra
-    from patchcsra.data import open_dataset, resolve_transform
     from patchcsra.report import display_frame, table_frame, to_markdown
     from patchcsra.stats import default_workers
 
     workers = default_workers() if a.workers is None else a.workers
-    model = mobilenet_v2_tf_same(Path(a.weights))
-    s = a.img_size
-    tf = dict(input_size=(3, s, s), crop_pct=0.875, interpolation="bilinear", mean=(128 / 255,) * 3,
-              std=(128 / 255,) * 3)
-    spec = resolve_transform(model, **tf)
-    train = open_dataset(a.voc, split="train")
-    train.transform = spec.build()
-    t0 = time.perf_counter()
-    feats = []
-    with torch.inference_mode():
-        for x, _, ok in DataLoader(train, batch_size=a.batch_size, num_workers=workers):
-            feats.append(model.features(x).mean((2, 3)))
-    f = torch.cat(feats).numpy().astype(np.float64)
-    t_feat = time.perf_counter() - t0
-    w = np.zeros((20, f.shape[1]))
-    b = np.zeros(20)
-    for j in range(20):
-        keep = train.targets[:, j] >= 0  # difficult-only entries are left out of training as well
-        clf = LogisticRegression(C=a.C, max_iter=2000).fit(f[keep], train.targets[keep, j] == 1)
-        w[j], b[j] = clf.coef_[0], clf.intercept_[0]
-    head = torch.nn.Linear(f.shape[1], 20)
-    with torch.no_grad():
-        head.weight.copy_(torch.as_tensor(w, dtype=torch.float32))
-        head.bias.copy_(torch.as_tensor(b, dtype=torch.float32))
-    model.classifier[1] = head
-    print(f"head fitted on {len(train)} VOC2007 train images ({t_feat:.1f} s of features, CPU)")
-
+    model, tf = build_probe(a.voc, weights=a.weights, img_size=a.img_size, batch_size=a.batch_size,
+                            workers=workers, C=a.C)
     run = patchcsra.sweep_lambda(model, a.voc, split="val", temperatures=[1, 2, 4, math.inf], workers=workers,
                                  batch_size=a.batch_size, cache_dir=a.cache_dir, **tf)
     run.summary["model"]["name"] = "MobileNetV2 (ImageNet, TFLite) + VOC linear head"

@@ -346,10 +346,15 @@ def train_head(model: nn.Module, dataset, out_dir: Union[str, Path], *, config: 
                           "loss": loss_sum / max(1, seen), "lr": opt.param_groups[-1]["lr"],
                           "images_per_s": seen * world / max(time.perf_counter() - t0, 1e-9)})
         train_seconds = time.perf_counter() - t0
+        seen_all = seen
+        if world > 1:  # the epoch's loss over every rank's images
+            tot = torch.tensor([loss_sum, float(seen)], dtype=torch.float64)
+            torch.distributed.all_reduce(tot)
+            loss_sum, seen_all = float(tot[0]), int(tot[1])
         val = _validate(headed, dataset, val_rows, feats, cfg, workers, dev, targets, single)
-        row = {"epoch": epoch + 1, "lr": opt.param_groups[-1]["lr"], "train_loss": loss_sum / max(1, seen),
+        row = {"epoch": epoch + 1, "lr": opt.param_groups[-1]["lr"], "train_loss": loss_sum / max(1, seen_all),
                f"val_{metric_name}": val, "seconds": round(train_seconds, 3),
-               "images_per_s": round(seen * world / max(train_seconds, 1e-9), 1)}
+               "images_per_s": round(seen_all / max(train_seconds, 1e-9), 1)}
         history.append(row)
         if val > best["metric"]:
             best = {"epoch": epoch + 1, "metric": val, "state": copy.deepcopy(trainable.state_dict())}
