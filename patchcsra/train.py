@@ -339,7 +339,7 @@ def train_head(model: nn.Module, dataset, out_dir: Union[str, Path], *, config: 
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loss_sum += float(loss) * len(idx)
+            loss_sum += float(loss.detach()) * len(idx)
             seen += len(idx)
             if progress is not None and dist.is_main():
                 progress({"epoch": epoch + 1, "epochs": cfg.epochs, "step": step + 1, "steps": steps,
