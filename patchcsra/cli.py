@@ -125,6 +125,15 @@ def describe(
         with _err.status(f"loading {source}"):
             model = _load(source, arch, weights, trust, pretrained, num_classes)
         meta = getattr(model, "patchcsra_meta", None)
+        if isinstance(meta, dict) and meta.get("kind") == "trained-head":  # a train-head model.pt: its record
+            record = {"trained_head": True, **meta.get("head", {}),
+                      "best_epoch": meta.get("train", {}).get("best_epoch"),
+                      "input_size": (meta.get("transform") or {}).get("input_size")}
+            if as_json:
+                sys.stdout.write(json.dumps(meta, indent=1) + "\n")
+            else:
+                _out.print(_info_table(record, f"{source}"))
+            return
         info = do_describe(model, input_size=size).as_dict()
     except PatchCSRAError as e:
         _fail(str(e))

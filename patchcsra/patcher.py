@@ -134,7 +134,12 @@ def patch(model: nn.Module, lam: Optional[float] = None, temperature: float = ma
     Raises:
         HeadNotFoundError: the head cannot be split (message names the model class and why).
     """
-    if isinstance(model, PatchedClassifier) or getattr(model, "patchcsra_meta", None):
+    meta = getattr(model, "patchcsra_meta", None)
+    if isinstance(meta, dict) and meta.get("kind") == "trained-head":
+        raise PatchCSRAError("this file holds a model with a trained CSRA/attention head (patchcsra train-head); "
+                             "its record is in .patchcsra_meta; evaluate the trained model in Python "
+                             "(train_head(...).model) with sweep_lambda")
+    if isinstance(model, PatchedClassifier) or meta:
         raise PatchCSRAError(f"{type(model).__name__} is already patched; change its .lam instead")
     check_temperature(temperature)
     lam = default_lam(model) if lam is None else check_lam(lam)
@@ -147,6 +152,9 @@ def describe(model: nn.Module, *, input_size: Optional[Sequence[int]] = None) ->
     if isinstance(model, PatchedClassifier):
         return model.info
     meta = getattr(model, "patchcsra_meta", None)
+    if meta and meta.get("kind") == "trained-head":
+        raise PatchCSRAError("a model with a trained head (patchcsra train-head): its record is .patchcsra_meta "
+                             "(CLI: patchcsra describe FILE prints it)")
     if meta:
         return HeadInfo.from_dict(meta["head"])
     info = discover(model, input_size=input_size).info

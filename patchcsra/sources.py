@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from .errors import SourceError, TrustError
 from .heads.base import set_eval
 
-__all__ = ["load", "PatchedArchive", "load_state_dict_file", "build_arch", "META_FILE"]
+__all__ = ["load", "PatchedArchive", "TrainedArchive", "load_state_dict_file", "build_arch", "META_FILE"]
 
 
 META_FILE = "patchcsra.json"
@@ -47,13 +47,27 @@ _NESTED_KEYS = ("state_dict", "model", "model_state_dict", "net", "network", "mo
 _PREFIXES = ("module.", "_orig_mod.")
 
 
-class PatchedArchive(nn.Module):
-    """A patched model read back from a ``patchcsra patch`` file; ``patchcsra_meta`` holds its record."""
+class _Archive(nn.Module):
+    """A model read back from a file patchcsra wrote; ``patchcsra_meta`` holds the file's record."""
 
     def __init__(self, module: nn.Module, meta: dict) -> None:
         super().__init__()
         self.module = module
         self.patchcsra_meta = meta
+
+    def train(self, mode: bool = True) -> "_Archive":
+        """Archives are inference models: only eval mode is passed on to the module."""
+        self.training = mode
+        if not mode:
+            set_eval(self.module)
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.module(x)
+
+
+class PatchedArchive(_Archive):
+    """A patched model read back from a ``patchcsra patch`` file; its ``lam`` can be changed."""
 
     @property
     def lam(self) -> float:
@@ -66,15 +80,17 @@ class PatchedArchive(nn.Module):
         with torch.no_grad():
             self.module._lam.fill_(check_lam(value))
 
-    def train(self, mode: bool = True) -> "PatchedArchive":
-        """Patched archives are inference models: only eval mode is passed on to the module."""
-        self.training = mode
-        if not mode:
-            set_eval(self.module)
-        return self
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.module(x)
+class TrainedArchive(_Archive):
+    """A model written by ``patchcsra train-head`` (its ``model.pt``)."""
+
+
+def _archive(module: nn.Module, meta: Optional[dict]) -> nn.Module:
+    if not meta:
+        return module
+    if meta.get("kind") == "trained-head":
+        return TrainedArchive(module, meta)
+    return PatchedArchive(module, meta)
 
 
 def load(spec: Union[str, os.PathLike], *, pretrained: bool = True, weights: Optional[str] = None,
@@ -262,7 +278,7 @@ def _load_file(path: Path, *, arch: Optional[str], trust: bool, num_classes: Opt
             raise SourceError(f"{path}: not a readable torch.export archive ({type(e).__name__}: {_first_line(e)})") from e
         meta = _read_meta(extra)
         module = ep.module()
-        return PatchedArchive(module, meta) if meta else module
+        return _archive(module, meta)
     if _is_torchscript(path):
         extra = {META_FILE: ""}
         try:
@@ -270,7 +286,7 @@ def _load_file(path: Path, *, arch: Optional[str], trust: bool, num_classes: Opt
         except Exception as e:  # noqa: BLE001
             raise SourceError(f"{path}: not a readable TorchScript archive ({type(e).__name__}: {_first_line(e)})") from e
         meta = _read_meta(extra)
-        return PatchedArchive(module, meta) if meta else module
+        return _archive(module, meta)
     obj = _torch_load(path, trust)
     if isinstance(obj, nn.Module):
         return obj
