@@ -8,8 +8,9 @@ Same data, model, head (CSRA H=4) and batch order, side by side in one run:
   head step.
 
 Prints seconds per epoch and the ratio. Default: the real ResNet-56 weights on the 2,000 shared CIFAR-10
-test images. The CSRA head's own forward overhead vs a plain head (H=1 and H=8) is measured by
-``benchmarks/csra_overhead.py``.
+test images. Then the CSRA head's forward overhead vs the plain GAP+Linear head (H=1 and H=8) on this
+model's feature map (``benchmarks/csra_overhead.py`` head-only; run that script alone for the ResNet-50
+sized map and the whole-model figures).
 
     python benchmarks/train_head.py --epochs 2
 """
@@ -86,7 +87,12 @@ def main(argv=None) -> int:
     print(f"one-off feature pass: {feat_s:.2f} s; whole cached run ({a.epochs} epochs + validation + export): "
           f"{total_cached:.2f} s")
     print(f"recompute / cached per epoch = {recompute_epoch / max(cached_epoch, 1e-9):.1f}x")
-    return 0
+    sys.path.insert(0, str(HERE))
+    from csra_overhead import main as overhead
+
+    d, (h, w) = headed.split.info.feature_dim, headed.split.info.grid
+    return overhead(["--no-model", "--batch", str(a.batch_size), "--dim", str(d), "--grid", str(h),
+                     "--classes", str(len(ds.classes)), "--devices", "cpu"])
 
 
 if __name__ == "__main__":
