@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import PatchCSRAError
+from .patcher import check_lam
 from .heads.base import HeadSplit, discover, probe_input, register_adapter, set_eval, to_locations
 
 __all__ = [
@@ -80,16 +81,6 @@ LAYOUTS = ("NCHW", "NHWC", "NLC")
 
 
 # ----------------------------------------------------------------------------- argument checks
-def _check_lam(lam: float, name: str = "lam") -> float:
-    try:
-        v = float(lam)
-    except (TypeError, ValueError):
-        raise PatchCSRAError(f"{name}={lam!r} is not a number; give a finite λ >= 0, e.g. 0.1") from None
-    if not math.isfinite(v) or v < 0:
-        raise PatchCSRAError(f"{name}={lam!r} is invalid; give a finite λ >= 0, e.g. 0.1")
-    return v
-
-
 def _check_positive_int(v: int, name: str) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
         raise PatchCSRAError(f"{name}={v!r} is invalid; give a positive integer")
@@ -202,7 +193,7 @@ class CSRAHead(nn.Module):
         self.in_dim = _check_positive_int(in_dim, "in_dim")
         self.num_classes = _check_positive_int(num_classes, "num_classes")
         self.heads = _check_positive_int(heads, "heads")
-        self.lam = _check_lam(lam)
+        self.lam = check_lam(lam)
         self.temperatures = _resolve_temperatures(heads, temperatures)
         self.weight = nn.Parameter(torch.empty(heads, num_classes, in_dim))
         self.reset_parameters()
@@ -286,7 +277,7 @@ class AttentionPoolHead(nn.Module):
         if in_dim % num_heads:
             raise PatchCSRAError(f"num_heads={num_heads} does not divide in_dim={in_dim}; pick a divisor, e.g. 1")
         self.per_class_query = bool(per_class_query)
-        self.lam = _check_lam(lam)
+        self.lam = check_lam(lam)
         self.head_dim = in_dim // num_heads
         self.scale = self.head_dim ** -0.5
         self.query = nn.Parameter(torch.zeros(num_classes if self.per_class_query else 1, in_dim))
@@ -570,7 +561,7 @@ def attach_head(model: nn.Module, kind: str = "csra", *, heads: int = 1, lam: Op
         raise PatchCSRAError(f"init={init!r} is unknown; give one of {', '.join(INIT_MODES)}")
     if kind == "attention" and temperatures is not None:
         raise PatchCSRAError("temperatures apply to kind='csra' only; drop temperatures for kind='attention'")
-    lam = (0.1 if kind == "csra" else 0.0) if lam is None else _check_lam(lam)
+    lam = (0.1 if kind == "csra" else 0.0) if lam is None else check_lam(lam)
     if kind == "csra":
         _resolve_temperatures(_check_positive_int(heads, "heads"), temperatures)  # fail before discovery
     split = discover(model, input_size=input_size)

@@ -28,7 +28,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
@@ -409,19 +408,12 @@ def _check_free(paths: Sequence[Path], force: bool) -> None:
 
 
 def _atomic_write(path: Path, write: Callable[[Any], None], *, force: bool, binary: bool = True) -> Path:
-    """``write(fh)`` into a temporary sibling of ``path``, then ``os.replace`` it onto ``path``."""
+    """``write(fh)`` into a temporary sibling of ``path``, then rename it onto ``path``."""
+    from .export import atomic_path
+
     _check_free([path], force)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp.", suffix=path.suffix or ".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb" if binary else "w") as fh:
-            write(fh)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path, force=True) as tmp, open(tmp, "wb" if binary else "w") as fh:
+        write(fh)
     _logger.info("wrote %s", path)
     return path
 

@@ -197,10 +197,11 @@ class _Entry:
         return n
 
     def save_part(self, start: int, part: dict[str, Tensor]) -> None:
+        from .export import atomic_path
+
         end = start + int(part["base"].shape[0])
-        tmp = self.path / f".part-{start:09d}-{end:09d}.tmp"
-        torch.save(part, tmp)
-        os.replace(tmp, self.path / f"part-{start:09d}-{end:09d}.pt")
+        with atomic_path(self.path / f"part-{start:09d}-{end:09d}.pt", force=True) as tmp:
+            torch.save(part, tmp)
 
     def load(self, n: int) -> dict[str, Tensor]:
         pieces: dict[str, list[Tensor]] = {}
@@ -217,9 +218,10 @@ class _Entry:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    from .export import atomic_path
+
+    with atomic_path(path, force=True) as tmp:
+        tmp.write_bytes(data)
 
 
 def _find_entry(root: Path, key: str, temps: Sequence[float]) -> Optional[_Entry]:

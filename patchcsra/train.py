@@ -20,10 +20,9 @@ import copy
 import json
 import logging
 import math
-import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -142,9 +141,10 @@ def _metric(scores: np.ndarray, targets: np.ndarray, single_label: bool) -> floa
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    from .export import atomic_path
+
+    with atomic_path(path, force=True) as tmp:
+        torch.save(obj, tmp)
 
 
 # ----------------------------------------------------------------------------- data
@@ -398,11 +398,13 @@ def _validate(headed: HeadedClassifier, dataset, rows: np.ndarray, feats: Option
 
 
 def _write_history(out: Path, history: list[dict], metric: str) -> None:
-    frame = pd.DataFrame(history)
-    tmp = out / ".history.csv.tmp"
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, out / "history.csv")
     from matplotlib.figure import Figure
+
+    from .export import atomic_path
+
+    frame = pd.DataFrame(history)
+    with atomic_path(out / "history.csv", force=True) as tmp:
+        frame.to_csv(tmp, index=False)
 
     fig = Figure(figsize=(6.4, 3.8), dpi=110)
     ax = fig.subplots()
@@ -414,16 +416,15 @@ def _write_history(out: Path, history: list[dict], metric: str) -> None:
     ax2.set_ylabel(f"val {metric} (%)", color="tab:red")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / ".curve.png.tmp.png")
-    os.replace(out / ".curve.png.tmp.png", out / "curve.png")
+    with atomic_path(out / "curve.png", force=True) as tmp:
+        fig.savefig(tmp)
 
 
 def _write_model(result: TrainResult, out: Path, spec) -> None:
-    from .export import save_module
+    from .export import atomic_path, save_module
 
     meta = {"kind": "trained-head", "head": result.model.head_info, "transform": spec.as_dict(),
             "train": {k: v for k, v in result.summary.items() if k not in ("transform", "head")}}
     save_module(result.model, out / "model.pt", meta, spec.input_size, fmt="torchscript", force=True)
-    tmp = out / ".summary.json.tmp"
-    tmp.write_text(json.dumps(result.summary, indent=1, default=str) + "\n")
-    os.replace(tmp, out / "summary.json")
+    with atomic_path(out / "summary.json", force=True) as tmp:
+        tmp.write_text(json.dumps(result.summary, indent=1, default=str) + "\n")
