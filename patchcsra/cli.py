@@ -419,9 +419,10 @@ def train_head_cmd(
 
         n_out = do_describe(model, input_size=spec.input_size).num_classes
         index = None
-        if class_map is not None or len(ds.classes) == n_out or model_label_names(model):
+        names = model_label_names(model)
+        if class_map is not None or len(ds.classes) == n_out or names:
             try:
-                index = align_classes(ds.classes, n_out, model_names=model_label_names(model),
+                index = align_classes(ds.classes, n_out, model_names=names,
                                       model_ids=model_label_ids(model), class_map=class_map).tolist()
             except PatchCSRAError:
                 if class_map is not None:

@@ -88,6 +88,16 @@ def _lemma(description: str) -> str:
     return description.split(",")[0].strip()
 
 
+def _from_records(model: Any, keys: Sequence[str]) -> Optional[list[str]]:
+    """The first non-empty list under ``keys`` in the model's patchcsra records."""
+    for rec in _records(model):
+        for key in keys:
+            values = _as_list(rec.get(key))
+            if values:
+                return values
+    return None
+
+
 def model_label_names(model: Any) -> Optional[list[str]]:
     """Human-readable name of each model output (``(C,)`` list), or ``None`` when unknown.
 
@@ -97,11 +107,9 @@ def model_label_names(model: Any) -> Optional[list[str]]:
     a timm model with a 1000/11k/12k/21k/22k-class head: ImageNet's first lemma per synset
     (``'tench'``, ``'goldfish'``, ...).
     """
-    for rec in _records(model):
-        for key in ("label_names", "categories"):
-            names = _as_list(rec.get(key))
-            if names:
-                return names
+    names = _from_records(model, ("label_names", "categories"))
+    if names:
+        return names
     target = _unwrap(model)
     cfg = _timm_cfg(target)
     if cfg is None:
@@ -128,10 +136,9 @@ def model_label_ids(model: Any) -> Optional[list[str]]:
 
     An ImageNet validation ImageFolder whose class folders are WordNet ids matches these.
     """
-    for rec in _records(model):
-        ids = _as_list(rec.get("label_ids"))
-        if ids:
-            return ids
+    ids = _from_records(model, ("label_ids",))
+    if ids:
+        return ids
     target = _unwrap(model)
     cfg = _timm_cfg(target)
     if cfg is None:
