@@ -30,7 +30,7 @@ _logger = logging.getLogger(__name__)
 #: 21 points; the paper's values (0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.4, 0.8) are all on it.
 DEFAULT_LAMS: tuple[float, ...] = (0.0, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35,
                                    0.4, 0.45, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-SINGLE_LABEL_METRICS = ("top1", "top5")
+SINGLE_LABEL_METRICS = ("top1", "top5", "mAP")  # mAP: one-vs-rest over the one-hot targets
 
 
 @dataclass(frozen=True)
@@ -90,16 +90,18 @@ def _metrics(stats: Stats, scores: torch.Tensor, rows: np.ndarray, top_k: int,
              weight: Optional[np.ndarray] = None) -> dict[str, Any]:
     s = scores.numpy()[rows]
     if stats.single_label:
-        return M.topk_accuracy(s, stats.labels()[rows], ks=(1, 5), sample_weight=weight)
+        out = M.topk_accuracy(s, stats.labels()[rows], ks=(1, 5), sample_weight=weight)
+        out["mAP"] = M.mean_average_precision(s, stats.targets[rows], sample_weight=weight)[0]
+        return out
     return M.multilabel_metrics(s, stats.targets[rows], top_k=top_k, sample_weight=weight)
 
 
 def _primary(stats: Stats, metric: str, top_k: int) -> Callable[[torch.Tensor, np.ndarray, Optional[np.ndarray]], Any]:
     """A fast ``f(scores, rows, weight) -> value`` for the selection metric only."""
-    if metric == "mAP" and not stats.single_label:
+    if metric == "mAP":
         return lambda s, rows, w=None: M.mean_average_precision(s.numpy()[rows], stats.targets[rows],
                                                                 sample_weight=w)[0]
-    if metric in SINGLE_LABEL_METRICS and stats.single_label:
+    if metric in ("top1", "top5") and stats.single_label:
         k = int(metric[3:])
         return lambda s, rows, w=None: M.topk_accuracy(s.numpy()[rows], stats.labels()[rows], ks=(k,),
                                                        sample_weight=w)[metric]

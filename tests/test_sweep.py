@@ -159,7 +159,19 @@ def test_evaluate_grid_rows_and_columns():
            for j in range(4)]
     assert row["mAP"] == pytest.approx(100 * np.mean(aps), abs=1e-6)
     single = evaluate_grid(_stats(single=True), [0, 0.2])
-    assert {"top1", "top5"} <= set(single.columns)
+    assert {"top1", "top5", "mAP"} <= set(single.columns)
+
+
+def test_single_label_map_is_one_vs_rest_and_selectable():
+    st = _stats(n=120, single=True, seed=5)
+    f = evaluate_grid(st, [0, 0.3], [math.inf])
+    y = (st.base + 0.3 * st.max).numpy()
+    aps = [average_precision_score(st.targets[:, j], y[:, j]) for j in range(4)]
+    assert f[f.lam == 0.3]["mAP"].iloc[0] == pytest.approx(100 * np.mean(aps), abs=1e-6)
+    res = sweep(st, lams=[0, 0.1, 0.3], metric="mAP", fixed_lam=0.1, bootstrap=50, folds=3)
+    assert res.metric == "mAP"
+    assert res.choices["oracle"].score == pytest.approx(res.frame["mAP"].max())
+    assert res.baseline["mAP"] == pytest.approx(f[f.lam == 0]["mAP"].iloc[0])
 
 
 def test_sweep_choices_are_consistent():
