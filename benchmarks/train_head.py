@@ -23,13 +23,12 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared"
-sys.path.insert(0, str(HERE.parent / "tests"))  # custom_nets: the CIFAR ResNet architecture
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--weights", default=str(SHARED / "weights" / "resnet56-4bfd9763.th"))
-    p.add_argument("--arch", default="custom_nets:resnet56")
+    p.add_argument("--arch", default=f"{HERE / 'cifar_resnet.py'}:resnet56")
     p.add_argument("--data", default=str(SHARED / "data" / "cifar10-test-subset"))
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)

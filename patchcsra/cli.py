@@ -349,7 +349,7 @@ def train_head_cmd(
     eval_split: Optional[str] = typer.Option(None, "--eval-split", help="after training, evaluate on this split "
                                              "(Table-1 run in OUT/eval)"),
     data_format: Optional[str] = typer.Option(None, "--data-format"),
-    kind: str = typer.Option("csra", "--kind", help="csra | attention"),
+    kind: str = typer.Option("csra", "--kind", help="csra | attention | linear (GAP + Linear)"),
     heads: int = typer.Option(1, "--heads", help="CSRA heads H (1, 2, 4, 6, 8: the paper's temperature sets)"),
     lam: float = typer.Option(0.1, "--lam", help="λ of the CSRA head"),
     temperatures: Optional[str] = typer.Option(None, "--temperatures", help="override the H temperatures"),

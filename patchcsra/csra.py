@@ -59,7 +59,7 @@ from .heads.base import HeadSplit, discover, probe_input, register_adapter, set_
 
 __all__ = [
     "TEMPERATURE_SETS", "class_scores", "attention_weights", "attention_logits", "CSRAHead",
-    "AttentionPoolHead", "locations_to_map", "linear_from_split", "HeadedClassifier", "attach_head",
+    "AttentionPoolHead", "LinearHead", "locations_to_map", "linear_from_split", "HeadedClassifier", "attach_head",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ TEMPERATURE_SETS: dict[int, tuple[float, ...]] = {
     8: (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, INF),
 }
 
-HEAD_KINDS = ("csra", "attention")
+HEAD_KINDS = ("csra", "attention", "linear")
 INIT_MODES = ("pretrained", "random")
 LAYOUTS = ("NCHW", "NHWC", "NLC")
 
@@ -346,6 +346,47 @@ class AttentionPoolHead(nn.Module):
                 f"num_heads={self.num_heads}, lam={self.lam:g}")
 
 
+class LinearHead(nn.Module):
+    """The plain head of a ResNet-style classifier: global average pooling + Linear, ``(B, d, H, W) -> (B, C)``.
+
+    Trained with :func:`patchcsra.train.train_head` (``kind='linear'``) it is the baseline the paper
+    patches: the 4-line residual patch then applies its ``fc`` at every location.
+    """
+
+    def __init__(self, in_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.in_dim, self.num_classes = _check_positive_int(in_dim, "in_dim"), _check_positive_int(num_classes, "num_classes")
+        self.fc = nn.Linear(in_dim, num_classes)
+
+    @classmethod
+    def from_linear(cls, weight: Tensor, bias: Optional[Tensor] = None) -> "LinearHead":
+        """The pretrained FC as is: the head equals ``weight @ mean_k x_k + bias`` exactly."""
+        w, b = _linear_weight(weight, bias)
+        head = cls(int(w.shape[1]), int(w.shape[0])).to(w.device, w.dtype)
+        with torch.no_grad():
+            head.fc.weight.copy_(w)
+            head.fc.bias.copy_(b if b is not None else torch.zeros_like(head.fc.bias))
+        return head
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Features ``(B, d, H, W)`` -> logits ``(B, C)``."""
+        _check_features(x, self.in_dim, "LinearHead")
+        return self.fc(x.mean(dim=(2, 3)))
+
+    def forward_maps(self, x: Tensor) -> dict[str, Tensor]:
+        """``{'scores': (B, 1, C, L), 'logits': (B, C)}``: the classifier at every location."""
+        _check_features(x, self.in_dim, "LinearHead")
+        s = torch.einsum("cd,bdl->bcl", self.fc.weight.to(x.dtype), x.flatten(2)) + self.fc.bias.to(x.dtype)[:, None]
+        return {"scores": s[:, None], "logits": s.mean(dim=-1)}
+
+    @property
+    def head_info(self) -> dict:
+        return {"kind": "linear", "heads": 1, "temperatures": None, "lam": None}
+
+    def extra_repr(self) -> str:
+        return f"in_dim={self.in_dim}, num_classes={self.num_classes}"
+
+
 # ----------------------------------------------------------------------------- features and models
 def _square_side(n: int) -> Optional[int]:
     r = math.isqrt(n)
@@ -538,7 +579,8 @@ def attach_head(model: nn.Module, kind: str = "csra", *, heads: int = 1, lam: Op
 
     Args:
         model: any classifier :func:`patchcsra.heads.discover` can split (shared, not copied).
-        kind: ``'csra'`` (:class:`CSRAHead`) or ``'attention'`` (:class:`AttentionPoolHead`).
+        kind: ``'csra'`` (:class:`CSRAHead`), ``'attention'`` (:class:`AttentionPoolHead`) or
+            ``'linear'`` (:class:`LinearHead`, GAP + Linear; ``heads`` and ``lam`` do not apply).
         heads: CSRA heads H (1, 2, 4, 6, 8, or any with ``temperatures``); attention: ``num_heads``.
         lam: λ; ``None`` takes 0.1 for CSRA (the official default) and 0 for attention pooling.
         temperatures: CSRA only, one T per head (``inf`` = max); default the paper's set for H.
@@ -559,8 +601,8 @@ def attach_head(model: nn.Module, kind: str = "csra", *, heads: int = 1, lam: Op
         raise PatchCSRAError(f"kind={kind!r} is unknown; give one of {', '.join(HEAD_KINDS)}")
     if init not in INIT_MODES:
         raise PatchCSRAError(f"init={init!r} is unknown; give one of {', '.join(INIT_MODES)}")
-    if kind == "attention" and temperatures is not None:
-        raise PatchCSRAError("temperatures apply to kind='csra' only; drop temperatures for kind='attention'")
+    if kind != "csra" and temperatures is not None:
+        raise PatchCSRAError(f"temperatures apply to kind='csra' only; drop temperatures for kind={kind!r}")
     lam = (0.1 if kind == "csra" else 0.0) if lam is None else check_lam(lam)
     if kind == "csra":
         _resolve_temperatures(_check_positive_int(heads, "heads"), temperatures)  # fail before discovery
@@ -584,8 +626,10 @@ def attach_head(model: nn.Module, kind: str = "csra", *, heads: int = 1, lam: Op
             wb = (wb[0][idx], wb[1][idx])
     elif num_classes is not None and int(num_classes) != info.num_classes:
         n_out, wb = int(num_classes), None  # a new label set with no mapping: a fresh head
-    if kind == "csra":
-        head: nn.Module = (CSRAHead.from_linear(wb[0], wb[1], heads, lam, temperatures) if wb is not None else
+    if kind == "linear":
+        head: nn.Module = LinearHead.from_linear(*wb) if wb is not None else LinearHead(info.feature_dim, n_out)
+    elif kind == "csra":
+        head = (CSRAHead.from_linear(wb[0], wb[1], heads, lam, temperatures) if wb is not None else
                            CSRAHead(info.feature_dim, n_out, heads, lam, temperatures=temperatures))
     else:
         head = (AttentionPoolHead.from_linear(wb[0], wb[1], per_class_query, num_heads=heads, lam=lam)

@@ -22,7 +22,9 @@ file or name and what to pass instead.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import importlib
+import importlib.util
 import json
 import os
 import pickle
@@ -366,26 +368,53 @@ def _extract_state_dict(obj: dict, path: Path) -> dict[str, Tensor]:
     return {k: v.detach().to("cpu") for k, v in sd.items()}
 
 
+def _import_module(mod_name: str, arch: str):
+    try:
+        return importlib.import_module(mod_name)
+    except ImportError:
+        if os.getcwd() not in sys.path:  # a user's own module next to where they run the tool
+            sys.path.insert(0, os.getcwd())
+        try:
+            return importlib.import_module(mod_name)
+        except ImportError as e:
+            raise SourceError(f"arch={arch!r}: cannot import module {mod_name!r} ({_first_line(e)}); "
+                              "put it on PYTHONPATH or name its file: 'path/to/file.py:factory'") from e
+
+
+def _module_from_file(path: Path, arch: str):
+    """Import a user's architecture file (the user named it, so its code runs, as ``import`` would)."""
+    if not path.is_file():
+        raise SourceError(f"arch={arch!r}: {path} does not exist; give the .py file that defines the factory")
+    name = "patchcsra_user_arch_" + hashlib.blake2b(str(path.resolve()).encode(), digest_size=6).hexdigest()
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        del sys.modules[name]
+        raise SourceError(f"arch={arch!r}: importing {path} failed ({type(e).__name__}: {_first_line(e)})") from e
+    return module
+
+
 def build_arch(arch: str, num_classes: Optional[int] = None, model_kwargs: Optional[dict] = None) -> nn.Module:
-    """An untrained model from an architecture spec (``timm:``, ``torchvision:``, ``pkg.mod:factory``)."""
+    """An untrained model from an architecture spec (``timm:``, ``torchvision:``, ``pkg.mod:factory``,
+    ``path/to/file.py:factory``)."""
     kw = dict(model_kwargs or {})
     if arch.startswith("timm:"):
         return _load_timm(arch[5:], False, None, num_classes, kw)
     if arch.startswith("torchvision:"):
         return _load_torchvision(arch[12:], False, None, num_classes, kw)
-    mod_name, sep, attr = arch.partition(":")
+    mod_name, sep, attr = arch.rpartition(":")
     if not sep or not mod_name or not attr:
-        raise SourceError(f"arch={arch!r}: give 'timm:NAME', 'torchvision:NAME' or 'package.module:factory'")
-    try:
-        module = importlib.import_module(mod_name)
-    except ImportError:
-        if os.getcwd() not in sys.path:  # a user's own module next to where they run the tool
-            sys.path.insert(0, os.getcwd())
-        try:
-            module = importlib.import_module(mod_name)
-        except ImportError as e:
-            raise SourceError(f"arch={arch!r}: cannot import module {mod_name!r} ({_first_line(e)}); "
-                              "put it on PYTHONPATH") from e
+        raise SourceError(f"arch={arch!r}: give 'timm:NAME', 'torchvision:NAME', 'package.module:factory' "
+                          "or 'path/to/file.py:factory'")
+    if mod_name.endswith(".py"):
+        module = _module_from_file(Path(mod_name).expanduser(), arch)
+    else:
+        module = _import_module(mod_name, arch)
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise SourceError(f"arch={arch!r}: {mod_name} has no callable {attr!r}")

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from . import dist
 from . import metrics as M
-from .csra import HeadedClassifier, attach_head
+from .csra import HEAD_KINDS, HeadedClassifier, attach_head
 from .errors import PatchCSRAError
 
 __all__ = ["TrainConfig", "TrainResult", "train_head", "carve_validation", "lr_factor", "masked_bce"]
@@ -69,8 +69,8 @@ class TrainConfig:
     init: str = "pretrained"
 
     def check(self) -> "TrainConfig":
-        if self.kind not in ("csra", "attention"):
-            raise PatchCSRAError(f"kind={self.kind!r}: choose csra or attention")
+        if self.kind not in HEAD_KINDS:
+            raise PatchCSRAError(f"kind={self.kind!r}: choose {', '.join(HEAD_KINDS)}")
         if self.mode not in ("frozen", "finetune"):
             raise PatchCSRAError(f"mode={self.mode!r}: choose frozen or finetune")
         for name in ("epochs", "batch_size", "lr_step"):

@@ -11,6 +11,7 @@ REPO = HERE.parent
 SHARED = Path(os.environ.get("PATCHCSRA_SHARED", REPO.parent / "shared"))
 
 sys.path.insert(0, str(HERE))  # custom_nets: the user's own architectures
+sys.path.insert(1, str(REPO / "benchmarks"))  # cifar_resnet, mobilenet_tf: the benchmarks' architectures
 warnings.filterwarnings("ignore")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -16,6 +16,7 @@ import timm
 import torch
 import torchvision
 
+import patchcsra
 from patchcsra.csra import (TEMPERATURE_SETS, AttentionPoolHead, CSRAHead, HeadedClassifier, attach_head,
                             linear_from_split, locations_to_map)
 from patchcsra.errors import PatchCSRAError
@@ -323,6 +324,27 @@ def test_attach_head_attention_kind_reproduces_the_model():
     with torch.no_grad():
         torch.testing.assert_close(ha(x), model(x), rtol=1e-5, atol=1e-5)
         assert ha.forward_maps(x)["attention"].shape == (2, 1, 5, 4)
+
+
+def test_attach_head_linear_kind_is_the_model_and_patches_like_it():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=5)
+    hl = attach_head(model, "linear", input_size=(3, 64, 64))
+    assert hl.init == "pretrained" and hl.head_info["kind"] == "linear"
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(hl(x), model(x), rtol=1e-5, atol=1e-5)
+        maps = hl.forward_maps(x)
+        assert maps["scores"].shape == (2, 1, 5, 4)
+        torch.testing.assert_close(maps["logits"], model(x), rtol=1e-5, atol=1e-5)
+        # the trained linear head is patched exactly as the original model is
+        want = patchcsra.patch(model, lam=0.3)(x)
+        torch.testing.assert_close(patchcsra.patch(hl, lam=0.3)(x), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(patchcsra.patch(hl, lam=0.0)(x), model(x), rtol=0, atol=1e-5)
+    fresh = attach_head(model, "linear", input_size=(3, 64, 64), num_classes=3)
+    assert fresh.init == "random" and fresh(x).shape == (2, 3)
+    with pytest.raises(PatchCSRAError, match="temperatures apply to kind='csra' only"):
+        attach_head(model, "linear", temperatures=(1.0,), input_size=(3, 64, 64))
 
 
 def test_attach_head_nonaffine_head_falls_back_to_random(caplog):

@@ -10,7 +10,8 @@ from safetensors.torch import save_file
 import custom_nets
 import patchcsra
 from patchcsra.heads.base import allclose_logits
-from conftest import shared_path
+from conftest import REPO, shared_path
+from patchcsra.errors import SourceError
 
 X32 = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
 
@@ -108,6 +109,18 @@ def test_user_factory_arch(tmp_path):
     loaded = patchcsra.load(path, arch="custom_nets:resnet20")
     with torch.no_grad():
         assert torch.equal(loaded(X32), model(X32))
+    # the same architecture named by its file, as a user who never installed it would
+    by_file = patchcsra.load(path, arch=f"{REPO / 'benchmarks' / 'cifar_resnet.py'}:resnet20")
+    with torch.no_grad():
+        assert torch.equal(by_file(X32), model(X32))
+    with pytest.raises(SourceError, match="nowhere.py does not exist"):
+        patchcsra.load(path, arch=f"{tmp_path / 'nowhere.py'}:resnet20")
+    broken = tmp_path / "broken.py"
+    broken.write_text("raise RuntimeError('boom')\n")
+    with pytest.raises(SourceError, match="importing .*broken.py failed .*boom"):
+        patchcsra.load(path, arch=f"{broken}:resnet20")
+    with pytest.raises(SourceError, match="has no callable 'resnet21'"):
+        patchcsra.load(path, arch=f"{REPO / 'benchmarks' / 'cifar_resnet.py'}:resnet21")
 
 
 def test_real_cifar_checkpoint_saved_on_gpu_with_dataparallel_prefix():

@@ -71,6 +71,20 @@ def test_frozen_training_moves_only_the_head(small):
         train_head(model, ds, tmp / "run", config=TrainConfig(epochs=1), transform=spec, workers=0)
 
 
+def test_linear_head_trains_and_is_patched_like_any_classifier(small):
+    ds, model, spec, tmp = small
+    res = train_head(model, ds, tmp / "lin", config=TrainConfig(kind="linear", epochs=2, batch_size=8),
+                     transform=spec, workers=0)
+    assert res.model.head_info["kind"] == "linear" and not torch.equal(res.model.head.fc.weight, model.fc.weight)
+    x = torch.stack([ds[i][0] for i in range(4)])
+    with torch.no_grad():
+        f = res.model.forward_features(x)
+        s = res.model.head.fc(f.flatten(2).transpose(1, 2))            # (B, L, C): the head at every location
+        want = res.model(x) + 0.25 * s.amax(dim=1)
+        torch.testing.assert_close(patchcsra.patch(res.model, lam=0.25)(x), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.jit.load(str(tmp / "lin" / "model.pt"))(x), res.model(x), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("mode", ["frozen", "finetune"])
 def test_resume_equals_uninterrupted(small, mode):
     ds, model, spec, tmp = small
