@@ -14,13 +14,13 @@ from typer.testing import CliRunner
 from patchcsra import dist
 from patchcsra.cli import app
 
-from conftest import HERE, shared_path
+from conftest import HERE, REPO, shared_path
 
 runner = CliRunner()
 
 
 def _args(out: Path) -> list[str]:
-    return ["sweep-lambda", str(shared_path("weights", "resnet20-12fca82f.th")), "--arch", "custom_nets:resnet20",
+    return ["sweep-lambda", str(shared_path("weights", "resnet20-12fca82f.th")), "--arch", f"{REPO / 'benchmarks' / 'cifar_resnet.py'}:resnet20",
             "--data", str(shared_path("data", "cifar10-test-subset")), "--input-size", "3,32,32",
             "--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225", "--no-cache", "-b", "100",
             "--workers", "0", "--bootstrap", "100", "--lams", "0,0.02,0.05,0.2", "--temperatures", "inf,1",
@@ -35,7 +35,7 @@ def test_single_process_helpers():
 
 
 def test_torchrun_two_gloo_processes_equal_one_process(tmp_path, monkeypatch):
-    monkeypatch.chdir(HERE)  # custom_nets:resnet20 resolves from the working directory
+    monkeypatch.chdir(HERE)
     one = runner.invoke(app, _args(tmp_path / "one"))
     assert one.exit_code == 0, one.output
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
