@@ -517,6 +517,7 @@ def bench(
     try:
         if results is not None:
             record = B.read_json(results, "--results")
+            _bench_table(record)
         else:
             st = B.load_suite(suite)
             target = out or work_dir / f"{st.name}.json"
