@@ -240,51 +240,45 @@ def _run_demo_case(case: dict, ctx: _Context) -> dict:
             "scores": _metrics_of(run, case)}
 
 
-@register_case("sweep")
-def _run_sweep_case(case: dict, ctx: _Context) -> dict:
+def _evaluate(model: torch.nn.Module, data: Path, split: Optional[str], case: dict, ctx: _Context,
+              default_name: str) -> dict:
+    """The λ=0 gap on the first images, then one pass and every metric's λ choices: a case's record."""
     from .api import prepare, sweep_lambda
 
-    data = _data_path(case, ctx)
-    model = _load_model(case, ctx)
     tf = _transform(case)
-    prep = prepare(model, data, split=case.get("split"), data_format=case.get("format"), **tf)
+    prep = prepare(model, data, split=split, data_format=case.get("format"), **tf)
     gap = lam0_gap(prep.model, _first_images(prep.dataset), prep.transform.input_size)
-    run = sweep_lambda(model, data, split=case.get("split"), data_format=case.get("format"), workers=ctx.workers,
-                       batch_size=int(case.get("batch_size", 50)), device="cpu", amp="none", cache_dir=None,
+    run = sweep_lambda(model, prep.dataset, workers=ctx.workers, batch_size=int(case.get("batch_size", 50)),
+                       device="cpu", amp="none", cache_dir=None,
                        progress=lambda d, t: ctx.say(f"{case['name']}: collecting", d, t),
                        **_sweep_kwargs(case), **tf)
-    return {"images": run.summary["images"]["scored"], "model": case.get("model_name", run.summary["model"]["name"]),
+    return {"images": run.summary["images"]["scored"], "model": case.get("model_name", default_name),
             "dataset": case.get("dataset_name", str(case["data"])), "lam0_max_abs_diff": gap,
             "scores": _metrics_of(run, case)}
 
 
+@register_case("sweep")
+def _run_sweep_case(case: dict, ctx: _Context) -> dict:
+    model = _load_model(case, ctx)
+    return _evaluate(model, _data_path(case, ctx), case.get("split"), case, ctx, type(model).__name__)
+
+
 @register_case("train-sweep")
 def _run_train_sweep_case(case: dict, ctx: _Context) -> dict:
-    from .api import sweep_lambda
     from .data import open_dataset, resolve_transform
     from .train import TrainConfig, train_head
 
     data = _data_path(case, ctx)
     model = _load_model(case, ctx)
-    tf = _transform(case)
-    spec = resolve_transform(model, **tf)
+    spec = resolve_transform(model, **_transform(case))
     train = open_dataset(data, split=case.get("train_split", "train"), format=case.get("format"))
-    head = dict(case.get("head") or {"kind": "linear"})
-    cfg = TrainConfig(**{"init": "random", **head})
+    cfg = TrainConfig(**{"init": "random", **dict(case.get("head") or {"kind": "linear"})})
     res = train_head(model, train, ctx.work / case["name"] / "train", config=cfg, transform=spec, force=True,
                      device="cpu", workers=ctx.workers, source=str(case["source"]),
                      progress=lambda e: ctx.say(f"{case['name']}: training {cfg.kind} head", e["epoch"], e["epochs"]))
-    ev = open_dataset(data, split=case.get("split", "val"), format=case.get("format"))
-    ev.transform = spec.build()
-    gap = lam0_gap(res.model, _first_images(ev), spec.input_size)
-    run = sweep_lambda(res.model, data, split=case.get("split", "val"), data_format=case.get("format"),
-                       workers=ctx.workers, batch_size=int(case.get("batch_size", 50)), device="cpu", amp="none",
-                       cache_dir=None, progress=lambda d, t: ctx.say(f"{case['name']}: collecting", d, t),
-                       **_sweep_kwargs(case), **tf)
-    return {"images": run.summary["images"]["scored"], "model": case.get("model_name", f"{cfg.kind} head"),
-            "dataset": case.get("dataset_name", str(case["data"])), "lam0_max_abs_diff": gap,
-            "train": {"best_epoch": res.best_epoch, "best_val": res.best_metric, "config": cfg.as_dict()},
-            "scores": _metrics_of(run, case)}
+    rec = _evaluate(res.model, data, case.get("split", "val"), case, ctx, f"{cfg.kind} head")
+    rec["train"] = {"best_epoch": res.best_epoch, "best_val": res.best_metric, "config": cfg.as_dict()}
+    return rec
 
 
 # ----------------------------------------------------------------------------- running and checking

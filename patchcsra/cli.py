@@ -515,6 +515,7 @@ def bench(
     from . import bench as B
 
     try:
+        expected = B.read_json(check, "--check") if check is not None else None
         if results is not None:
             record = B.read_json(results, "--results")
             _bench_table(record)
@@ -523,7 +524,6 @@ def bench(
             target = out or work_dir / f"{st.name}.json"
             if target.exists() and not force:
                 raise PatchCSRAError(f"{target} exists; pass --force to overwrite it or choose another --out")
-            expected = B.read_json(check, "--check") if check is not None else None
             names = [n.strip() for n in only.split(",") if n.strip()] if only else None
             with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                           TimeElapsedColumn(), console=_err, transient=True) as progress:
@@ -537,7 +537,7 @@ def bench(
             _bench_table(record)
             _out.print(f"[green]wrote[/] {target}", highlight=False)
         if check is not None:
-            rows = B.check_results(record, expected if results is None else B.read_json(check, "--check"))
+            rows = B.check_results(record, expected)
     except PatchCSRAError as e:
         _fail(str(e))
     if check is None:
