@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", default="auto")
     p.add_argument("--naive-points", type=int, default=21, help="λ points timed for the naive way")
-    p.add_argument("--repeats", type=int, default=2, help="timings are the minimum over repeats")
+    p.add_argument("--repeats", type=int, default=3, help="rounds; each timing is its minimum over them")
     p.add_argument("--target", type=float, default=1.15)
     a = p.parse_args(argv)
 
@@ -98,23 +98,38 @@ def main(argv=None) -> int:
         frame = evaluate_grid(stats, DEFAULT_LAMS, (math.inf,))
         return float(frame["top1" if ds.single_label else "mAP"].max())
 
+    def clock(fn):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        value = fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0, value
+
     def timed(fn):
         best, value = math.inf, None
         for _ in range(a.repeats):
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            value = fn()
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - t0)
+            seconds, value = clock(fn)
+            best = min(best, seconds)
         return best, value
 
+    def collect_only():
+        return collect(patched, ds, class_index=prep.class_index, batch_size=a.batch_size, device=str(dev),
+                       amp=a.amp, workers=workers, cache_dir=None)
+
     full_eval(model)  # warm-up: file cache, allocator, kernels
-    t_base, v_base = timed(lambda: full_eval(model))
-    t_sweep, v_best = timed(sweep_once)
-    t_collect, _ = timed(lambda: collect(patched, ds, class_index=prep.class_index, batch_size=a.batch_size,
-                                         device=str(dev), amp=a.amp, workers=workers, cache_dir=None))
+    collect_only()
+    # the three ways run interleaved, round after round, so drift in the machine's speed hits each alike;
+    # each figure is its minimum over the rounds
+    t_base = t_sweep = t_collect = math.inf
+    for _ in range(a.repeats):
+        t, v_base = clock(lambda: full_eval(model))
+        t_base = min(t_base, t)
+        t, _ = clock(collect_only)
+        t_collect = min(t_collect, t)
+        t, v_best = clock(sweep_once)
+        t_sweep = min(t_sweep, t)
     lams = list(DEFAULT_LAMS)[: a.naive_points]
 
     def naive() -> float:

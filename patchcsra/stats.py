@@ -203,18 +203,35 @@ class _Entry:
         with atomic_path(self.path / f"part-{start:09d}-{end:09d}.pt", force=True) as tmp:
             torch.save(part, tmp)
 
-    def load(self, n: int) -> dict[str, Tensor]:
-        pieces: dict[str, list[Tensor]] = {}
+    def load_into(self, out: dict[str, Tensor]) -> int:
+        """Copy the contiguous stored parts into ``out``'s rows (preallocated, ``N`` rows); returns rows filled."""
         stop = 0
         for a, b, p in self.parts():
             if a != stop:
                 break
             for k, v in torch.load(p, weights_only=True).items():
-                pieces.setdefault(k, []).append(v)
+                out[k][a:b] = v
             stop = b
+        return stop
+
+    def load(self, n: int, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, Tensor]:
+        """All ``n`` rows; ``shapes`` maps each key to its per-row shape and dtype."""
+        out = _alloc(n, shapes)
+        stop = self.load_into(out)
         if stop != n:
             raise PatchCSRAError(f"stats cache {self.path} is incomplete ({stop}/{n} images); delete it and rerun")
-        return {k: torch.cat(v) for k, v in pieces.items()}
+        return out
+
+
+def _row_shapes(c: int, n_t: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Per-image shapes of the stored statistics for ``c`` classes and ``n_t`` temperatures."""
+    return {"base": ((c,), torch.float32), "max": ((c,), torch.float32), "att": ((c, n_t), torch.float32),
+            "ok": ((), torch.bool)}
+
+
+def _alloc(n: int, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, Tensor]:
+    """Zeroed ``(n, *shape)`` tensors, one per key: the stats are written in place, never concatenated."""
+    return {k: torch.zeros((n,) + shape, dtype=dtype) for k, (shape, dtype) in shapes.items()}
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -303,18 +320,15 @@ def collect(patched: PatchedClassifier, dataset, *, temperatures: Sequence[float
     entry = _open_entry(cache_dir, key, temps, temps_req, n, fingerprint) if cache_dir is not None else None
     if entry is not None:
         temps = sorted(float(t) for t in entry.meta()["temperatures"])  # type: ignore[index]
-    start = entry.done() if entry is not None else 0
+    data = _alloc(n, _row_shapes(len(index), len(temps)))
+    start = entry.load_into(data) if entry is not None else 0
     if start:
         _logger.info("resuming %s at image %d/%d", entry.path if entry else "", start, n)
-    pieces: list[dict[str, Tensor]] = []
     if start < n:
-        pieces = _run(patched, dataset, list(range(start, n)), temps, index, batch_size, dev, amp_dtype,
-                      channels_last, workers, entry, save_every, progress)
+        _run(patched, dataset, list(range(start, n)), temps, index, batch_size, dev, amp_dtype, channels_last,
+             workers, {k: v[start:] for k, v in data.items()}, entry, save_every, progress)
     if entry is not None:
-        data = entry.load(n)
         _mark_complete(entry)
-    else:
-        data = {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
     return _stats(data, temps, dataset, key, entry, dev, amp_dtype, n - start)
 
 
@@ -367,22 +381,23 @@ def _collect_distributed(patched, dataset, key, temps, temps_req, index, batch_s
     if have is not None:
         temps = sorted(float(t) for t in have[1])
         if have[0]:
-            return _stats(entry.load(n), temps, dataset, key, entry, dev, amp_dtype, 0,  # type: ignore[union-attr]
+            return _stats(entry.load(n, _row_shapes(len(index), len(temps))),  # type: ignore[union-attr]
+                          temps, dataset, key, entry, dev, amp_dtype, 0,
                           dist.world_size()) if dist.is_main() else None
     mine = dist.shard(n)
-    parts = _run(patched, dataset, mine, temps, index, batch_size, dev, amp_dtype, channels_last, workers, None,
-                 n, progress)
-    part = {k: v for k, v in parts[0].items()} if parts else {}
+    shapes = _row_shapes(len(index), len(temps))
+    part = _alloc(len(mine), shapes)
+    if mine:
+        _run(patched, dataset, mine, temps, index, batch_size, dev, amp_dtype, channels_last, workers, part, None,
+             n, progress)
     gathered = dist.gather_to_main((mine, part))
     if not dist.is_main():
         return None
-    keys = ("base", "max", "att", "ok")
-    first = next(p for _, p in gathered if p)  # type: ignore[union-attr]
-    data = {k: torch.zeros((n,) + tuple(first[k].shape[1:]), dtype=first[k].dtype) for k in keys}
+    data = _alloc(n, shapes)
     for rows, p in gathered:  # type: ignore[union-attr]
         if rows:
             r = torch.as_tensor(rows, dtype=torch.long)
-            for k in keys:
+            for k in data:
                 data[k][r] = p[k]
     if entry is not None:
         for _, _, old in entry.parts():  # a partial single-process pass is superseded by the whole one
@@ -394,7 +409,12 @@ def _collect_distributed(patched, dataset, key, temps, temps_req, index, batch_s
 
 def _run(patched: PatchedClassifier, dataset, rows: list[int], temps: list[float], index: list[int], batch_size: int,
          dev: torch.device, amp_dtype: Optional[torch.dtype], channels_last: Optional[bool], workers: int,
-         entry: Optional[_Entry], save_every: int, progress: Optional[Progress]) -> list[dict[str, Tensor]]:
+         out: dict[str, Tensor], entry: Optional[_Entry], save_every: int, progress: Optional[Progress]) -> None:
+    """Forward ``dataset[rows]`` and write row ``i`` of every ``out`` tensor for ``rows[i]`` (in place).
+
+    ``out``: preallocated CPU tensors with ``len(rows)`` rows (see :func:`_row_shapes`). With ``entry``
+    (single process, ``rows`` contiguous), every ``save_every`` images are also saved as a cache part.
+    """
     from torch.utils.data import DataLoader, Subset
 
     n = len(dataset)
@@ -406,12 +426,14 @@ def _run(patched: PatchedClassifier, dataset, rows: list[int], temps: list[float
     loader = DataLoader(Subset(dataset, rows), batch_size=batch_size, shuffle=False,
                         num_workers=workers, pin_memory=dev.type == "cuda", persistent_workers=False)
     idx = torch.as_tensor(index, dtype=torch.long, device=dev)
-    out: list[dict[str, Tensor]] = []
-    buf: list[dict[str, Tensor]] = []
+    identity = index == list(range(int(patched.info.num_classes)))
+    finite = [(j, t) for j, t in enumerate(temps) if not math.isinf(t)]
+    infinite = [j for j, t in enumerate(temps) if math.isinf(t)]
     step = rows[1] - rows[0] if len(rows) > 1 else 1  # 1 in a single process; the world size under torchrun
-    buf_start, done, count = start, start, 0
+    saved, done = 0, 0  # rows of ``out`` saved to the cache / written
     with torch.inference_mode():
         for x, _, ok in loader:
+            b = x.shape[0]
             x = x.to(dev, non_blocking=True)
             if cl and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -419,19 +441,21 @@ def _run(patched: PatchedClassifier, dataset, rows: list[int], temps: list[float
                 f = patched.split.forward_features(x)
                 base = patched.split.forward_baseline(f)
                 s = patched.split.forward_locations(f)
-            base = base.float()[:, idx]
-            s = s.float()[:, idx]
+            base, s = base.float(), s.float()
+            if not identity:
+                base, s = base[:, idx], s[:, idx]
             mx = s.amax(dim=-1)
-            att = torch.stack([mx if math.isinf(t) else residual_attention(s, t) for t in temps], dim=-1)
-            rec = {"base": base.cpu(), "max": mx.cpu(), "att": att.cpu(), "ok": ok.bool().cpu()}
-            buf.append(rec)
-            done += x.shape[0]
-            count += x.shape[0]
-            if entry is not None and (done - buf_start >= save_every or done == n):
-                entry.save_part(buf_start, {k: torch.cat([b[k] for b in buf]) for k in rec})
-                buf, buf_start = [], done
+            rs = slice(done, done + b)
+            out["base"][rs] = base
+            out["max"][rs] = mx
+            for j in infinite:
+                out["att"][rs, :, j] = mx
+            for j, t in finite:
+                out["att"][rs, :, j] = residual_attention(s, t)
+            out["ok"][rs] = ok.bool()
+            done += b
+            if entry is not None and (done - saved >= save_every or done == len(rows)):
+                entry.save_part(start + saved, {k: v[saved:done].clone() for k, v in out.items()})
+                saved = done
             if progress is not None:
-                progress(min(n, start + count * step), n)
-    if buf:
-        out.append({k: torch.cat([b[k] for b in buf]) for k in buf[0]})
-    return out
+                progress(min(n, start + done * step), n)
