@@ -21,6 +21,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 _out = Console()
 _err = Console(stderr=True)
 
+TRUST_HELP = ("load a file that runs code: a whole pickled model, a TorchScript or .pt2 archive (only from a "
+              "source you trust)")
 SOURCE_HELP = "timm:NAME, torchvision:NAME, or a checkpoint file (state dict, safetensors, TorchScript, .pt2)"
 
 
@@ -75,7 +77,7 @@ def patch(
     input_size: Optional[str] = typer.Option(None, "--input-size", help="C,H,W of the probe (default: model config)"),
     num_classes: Optional[int] = typer.Option(None, "--num-classes", help="classes of the checkpoint's head"),
     pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="fetch timm/torchvision weights"),
-    trust: bool = typer.Option(False, "--trust", help="allow unpickling a whole model (runs code from the file)"),
+    trust: bool = typer.Option(False, "--trust", help=TRUST_HELP),
     force: bool = typer.Option(False, "--force", help="overwrite OUTPUT if it exists"),
 ) -> None:
     """Patch a classifier's head and write it as TorchScript or a torch.export archive."""
@@ -114,7 +116,7 @@ def describe(
     input_size: Optional[str] = typer.Option(None, "--input-size", help="C,H,W of the probe"),
     num_classes: Optional[int] = typer.Option(None, "--num-classes"),
     pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained"),
-    trust: bool = typer.Option(False, "--trust"),
+    trust: bool = typer.Option(False, "--trust", help=TRUST_HELP),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ) -> None:
     """Show the pooling head patchcsra finds in a model (or the record of a patched file)."""
@@ -196,7 +198,7 @@ def sweep_lambda(
     weights: Optional[str] = typer.Option(None, "--weights", help="torchvision weights name, or a state-dict file"),
     num_classes: Optional[int] = typer.Option(None, "--num-classes"),
     pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained"),
-    trust: bool = typer.Option(False, "--trust"),
+    trust: bool = typer.Option(False, "--trust", help=TRUST_HELP),
     force: bool = typer.Option(False, "--force", help="overwrite --out if it exists"),
 ) -> None:
     """Sweep λ (and T) over a dataset in one forward pass; write a Table-1 report."""
@@ -305,7 +307,7 @@ def explain(
     weights: Optional[str] = typer.Option(None, "--weights"),
     num_classes: Optional[int] = typer.Option(None, "--num-classes"),
     pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained"),
-    trust: bool = typer.Option(False, "--trust"),
+    trust: bool = typer.Option(False, "--trust", help=TRUST_HELP),
     force: bool = typer.Option(False, "--force", help="overwrite existing files in --out"),
 ) -> None:
     """Per-location class scores and attention maps over images (PNG grids + .npy)."""
@@ -380,7 +382,7 @@ def train_head_cmd(
     weights: Optional[str] = typer.Option(None, "--weights"),
     num_classes: Optional[int] = typer.Option(None, "--num-classes"),
     pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained"),
-    trust: bool = typer.Option(False, "--trust"),
+    trust: bool = typer.Option(False, "--trust", help=TRUST_HELP),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted run in OUT"),
     force: bool = typer.Option(False, "--force", help="delete OUT and start over"),
 ) -> None:

@@ -10,8 +10,9 @@ Accepted ``spec`` forms (see :func:`load`):
     or ``package.module:factory`` for your own class). Checkpoints are accepted as people save
     them: nested under ``state_dict``/``model``/``ema``..., ``module.`` (DataParallel) and
     ``_orig_mod.`` (torch.compile) prefixes, tensors saved on GPU, another number of classes;
-  - TorchScript archive (its head is found from its graph when patched);
-  - ``torch.export`` archive (``.pt2``);
+  - TorchScript archive (its head is found from its graph when patched) -- only with ``trust=True``;
+  - ``torch.export`` archive (``.pt2``) -- only with ``trust=True``: both carry code that runs when
+    the model is loaded or called, and PyTorch's security policy treats them as programs;
   - a whole pickled ``nn.Module`` -- only with ``trust=True``, because unpickling runs code;
   - a model written by ``patchcsra patch`` (TorchScript or ``.pt2``): returned as
     :class:`PatchedArchive`, whose ``lam`` can be changed.
@@ -106,7 +107,8 @@ def load(spec: Union[str, os.PathLike], *, pretrained: bool = True, weights: Opt
         weights: torchvision weights enum name, or a state-dict file to load into the named model.
         arch: architecture for a state-dict file: ``timm:NAME``, ``torchvision:NAME`` or
             ``package.module:factory``.
-        trust: allow unpickling a whole module (runs code from the file).
+        trust: allow files that run code when loaded or called: a whole pickled module, a
+            TorchScript or ``torch.export`` archive (yours from ``patchcsra patch``/``train-head`` too).
         num_classes: classes of the checkpoint's head; inferred from the state dict when omitted.
         **model_kwargs: passed to the model constructor (e.g. ``img_size=`` for timm ViTs).
     """
@@ -272,6 +274,11 @@ def _load_file(path: Path, *, arch: Optional[str], trust: bool, num_classes: Opt
         raise SourceError(f"{path}: no such file{hint}")
     if path.is_dir():
         raise SourceError(f"{path} is a directory; give a checkpoint file or a timm:/torchvision: name")
+    kind = "torch.export" if path.suffix.lower() == ".pt2" else "TorchScript" if _is_torchscript(path) else None
+    if kind is not None and not trust:
+        raise TrustError(f"{path} is a {kind} archive: it carries code that runs when it is loaded or called "
+                         "(PyTorch treats such files as programs), so it is refused: pass trust=True (CLI --trust) "
+                         "if you wrote it (e.g. with 'patchcsra patch') or trust its source")
     if path.suffix.lower() == ".pt2":
         extra = {META_FILE: ""}
         try:

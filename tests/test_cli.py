@@ -51,7 +51,7 @@ def test_patch_writes_a_plain_pytorch_model(r20_file, tmp_path, suffix):
     with torch.no_grad():
         assert allclose_logits(torch.load(tmp_path / "y.pt"), ref(x), rel=1e-4)
         assert allclose_logits(torch.load(tmp_path / "y0.pt"), model(x))
-    back = patchcsra.load(out)  # patchcsra reads its own record back
+    back = patchcsra.load(out, trust=True)  # patchcsra reads its own record back
     assert isinstance(back, patchcsra.PatchedArchive)
     meta = back.patchcsra_meta
     assert meta["lam"] == 0.25 and meta["head"]["kind"] == "avg+Linear"
@@ -59,7 +59,7 @@ def test_patch_writes_a_plain_pytorch_model(r20_file, tmp_path, suffix):
     back.lam = 0.0
     with torch.no_grad():
         assert allclose_logits(back(x), model(x))
-    res = runner.invoke(app, ["describe", str(out), "--json"])
+    res = runner.invoke(app, ["describe", str(out), "--json", "--trust"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["patched"] is True
 
@@ -74,7 +74,7 @@ def test_refuses_overwrite_without_force(r20_file, tmp_path):
     assert out.read_text() == "keep me"
     res = runner.invoke(app, args + ["--force"])
     assert res.exit_code == 0, res.output
-    assert patchcsra.load(out).patchcsra_meta["lam"] == 0.02  # paper's default λ for ResNets
+    assert patchcsra.load(out, trust=True).patchcsra_meta["lam"] == 0.02  # paper's default λ for ResNets
 
 
 @pytest.mark.parametrize("args,msg", [

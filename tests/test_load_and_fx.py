@@ -55,7 +55,9 @@ def test_torchscript_source_split_from_its_graph(tmp_path):
     model = custom_nets.resnet20().eval()
     path = tmp_path / "r20_script.pt"
     torch.jit.save(torch.jit.script(model), str(path))
-    loaded = patchcsra.load(path)
+    with pytest.raises(patchcsra.TrustError, match="TorchScript archive"):
+        patchcsra.load(path)
+    loaded = patchcsra.load(path, trust=True)
     assert isinstance(loaded, torch.jit.ScriptModule)
     patched = patchcsra.patch(loaded, lam=0.0, input_size=(3, 32, 32))
     with torch.no_grad():
@@ -69,7 +71,9 @@ def test_torch_export_source(tmp_path):
     ep = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("b", min=1, max=64)},))
     path = tmp_path / "r18.pt2"
     torch.export.save(ep, str(path))
-    loaded = patchcsra.load(path)
+    with pytest.raises(patchcsra.TrustError, match="torch.export archive"):
+        patchcsra.load(path)
+    loaded = patchcsra.load(path, trust=True)
     patched = patchcsra.patch(loaded, lam=0.0, input_size=(3, 64, 64))
     with torch.no_grad():
         assert allclose_logits(patched(x), model(x))

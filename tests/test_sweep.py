@@ -409,10 +409,13 @@ def test_model_without_config_needs_flags(tmp_path):
     p = tmp_path / "m.pt"
     m.save(str(p))
     r = runner.invoke(app, ["sweep-lambda", str(p), "--data", str(root), "--out", str(tmp_path / "r"), "--no-cache"])
+    assert r.exit_code == 2 and "TorchScript archive" in r.output and "--trust" in r.output
+    r = runner.invoke(app, ["sweep-lambda", str(p), "--data", str(root), "--out", str(tmp_path / "r"), "--no-cache",
+                            "--trust"])
     assert r.exit_code == 2 and "--input-size, --mean, --std" in r.output
     r = runner.invoke(app, ["sweep-lambda", str(p), "--data", str(root), "--out", str(tmp_path / "r"), "--no-cache",
                             "--input-size", "3,64,64", "--mean", "0.5,0.5,0.5", "--std", "0.25", "--workers", "0",
-                            "--bootstrap", "0"])
+                            "--bootstrap", "0", "--trust"])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["transform"]["source"] == "flags"
 

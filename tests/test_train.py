@@ -130,9 +130,9 @@ def test_cli_train_head_on_shared_voc_and_evaluate(tmp_path):
     s = json.loads((out / "eval" / "summary.json").read_text())
     assert s["model"]["head"]["adapter"] == "patchcsra-head" and s["images"]["scored"] == 5
     assert json.loads((out / "summary.json").read_text())["head"]["heads"] == 4
-    r = runner.invoke(app, ["describe", str(out / "model.pt"), "--json"])
+    r = runner.invoke(app, ["describe", str(out / "model.pt"), "--json", "--trust"])
     assert r.exit_code == 0 and json.loads(r.output)["head"]["heads"] == 4
-    r = runner.invoke(app, ["patch", str(out / "model.pt"), "-o", str(tmp_path / "p.pt")])
+    r = runner.invoke(app, ["patch", str(out / "model.pt"), "-o", str(tmp_path / "p.pt"), "--trust"])
     assert r.exit_code == 2 and "trained" in r.output
     r = runner.invoke(app, args)
     assert r.exit_code == 2 and "--resume" in r.output
