@@ -196,7 +196,8 @@ def _ap_unweighted(s: np.ndarray, t: np.ndarray) -> np.ndarray:
     ``s``: ``(N, C)`` scores, ``t``: ``(N, C)`` int8 targets.
     """
     n, c = s.shape
-    x = np.ascontiguousarray(s.T)        # (C, N) copy, sorted in place below
+    x = np.array(s.T, order="C")        # (C, N) copy, always (s.T is already contiguous when C == 1 or s is
+                                         # Fortran-ordered, and x is written and sorted in place below)
     tt = np.ascontiguousarray(t.T)
     ignored = tt < 0
     if ignored.any():
