@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from torch import nn
 
-from .errors import DatasetError, PatchCSRAError
+from .errors import DatasetError, HeadNotFoundError, PatchCSRAError
 from .patcher import PatchedClassifier, default_lam, patch
 from .stats import Stats, collect
 from .sweep import DEFAULT_LAMS, SweepResult, sweep
@@ -112,7 +112,11 @@ def prepare(source: Union[str, os.PathLike, nn.Module], data: Union[str, os.Path
         data, format=data_format, split=split, difficult=difficult)
     if len(dataset) == 0:
         raise DatasetError(f"{data}: split {split!r} has no images")
-    patched = patch(model, lam=0.0, input_size=spec.input_size)
+    try:
+        patched = patch(model, lam=0.0, input_size=spec.input_size)
+    except HeadNotFoundError as e:  # name the model the user gave (a file, timm:NAME ...), not only its class
+        name = _model_name(source)
+        raise HeadNotFoundError(str(e) if str(e).startswith(name) else f"{name}: {e}") from None
     index = align_classes(dataset.classes, int(patched.info.num_classes), model_names=model_label_names(model),
                           model_ids=model_label_ids(model), class_map=class_map)
     dataset.transform = spec.build()
@@ -157,8 +161,10 @@ def sweep_lambda(source: Union[str, os.PathLike, nn.Module], data: Union[str, os
     ds = prep.dataset
     missing = ds.missing_files()
     if missing and not skip_bad:
+        where = dict(zip(ds.ids, ds.files))
         raise DatasetError(f"{len(missing)} image file(s) of {ds.name} are missing (e.g. "
-                           f"{', '.join(missing[:5])}); restore them or pass --skip-bad to score without them")
+                           f"{', '.join(str(where[i]) for i in missing[:5])}); restore them or pass --skip-bad "
+                           "to score without them")
     t0 = time.perf_counter()
     stats = collect(prep.patched, ds, temperatures=temperatures, class_index=prep.class_index,
                     batch_size=batch_size, device=device, amp=amp, channels_last=channels_last, workers=workers,
@@ -168,10 +174,15 @@ def sweep_lambda(source: Union[str, os.PathLike, nn.Module], data: Union[str, os
         return None
     bad = [stats.ids[i] for i in range(len(stats)) if not stats.ok[i]]
     if bad and not skip_bad:
-        raise DatasetError(f"{len(bad)} image(s) of {ds.name} could not be read (e.g. {', '.join(bad[:5])}); "
-                           "fix them or pass --skip-bad to score without them (the pass is cached)")
+        where = dict(zip(ds.ids, ds.files))
+        raise DatasetError(f"{len(bad)} image(s) of {ds.name} could not be read (e.g. "
+                           f"{', '.join(str(where.get(i, i)) for i in bad[:5])}); fix them or pass --skip-bad to "
+                           f"score without them{' (the pass is cached)' if cache_dir is not None else ''}")
     if bad:
         _logger.warning("skipping %d unreadable image(s): %s", len(bad), ", ".join(bad[:10]))
+    from .sweep import check_finite
+
+    check_finite(stats, prep.model_name)
     result = sweep(stats, lams=lams, temperatures=temperatures, fixed_lam=prep.fixed_lam, metric=metric,
                    folds=folds, bootstrap=bootstrap, seed=seed)
     from . import __version__
@@ -186,9 +197,8 @@ def sweep_lambda(source: Union[str, os.PathLike, nn.Module], data: Union[str, os
                  "fingerprint": ds.fingerprint(), "single_label": bool(ds.single_label),
                  "difficult": difficult},
         transform=prep.transform.as_dict(),
-        collect={**stats.meta, "seconds": round(seconds, 3),
-                 "images_per_s": round(stats.meta.get("forward_images", 0) / seconds, 2) if seconds > 0 else None,
-                 "batch_size": batch_size},
+        collect={"batch_size": batch_size, **stats.meta, "seconds": round(seconds, 3),  # meta: after OOM retries
+                 "images_per_s": round(stats.meta.get("forward_images", 0) / seconds, 2) if seconds > 0 else None},
         patchcsra_version=__version__,
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -48,6 +49,34 @@ def _parse_float(text: str, name: str) -> float:
         return float(text)
     except ValueError:
         raise PatchCSRAError(f"{name} {text!r} is not a number") from None
+
+
+def _check_out(out: Path, flag: str, inputs: dict) -> None:
+    """Refuse, before any work, an output folder that would replace an input or cannot be created.
+
+    ``inputs`` maps a description (``"--data"``, ``"the model file"``) to a path (or None / a non-path spec).
+    The output folder is replaced as a whole, so it may be neither an input nor a folder holding one.
+    Missing parent folders are created; a parent that is a file or not writable is refused.
+    """
+    o = Path(os.path.abspath(out.expanduser()))
+    for what, p in inputs.items():
+        if p is None or not Path(p).exists():
+            continue
+        q = Path(os.path.abspath(Path(p).expanduser()))
+        if o == q or o in q.parents:
+            raise PatchCSRAError(f"{flag} {out} would overwrite {what} {p} (the output folder is replaced as a "
+                                 f"whole); choose another {flag}")
+    parent = o.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise PatchCSRAError(f"{flag} {out}: {parent} is not a directory; choose another {flag}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PatchCSRAError(f"{flag} {out}: folder {parent} is not writable; choose another {flag}")
+
+
+def _source_file(source: str) -> Optional[str]:
+    return source if Path(source).exists() else None
 
 
 def _load(source: str, arch, weights, trust, pretrained, num_classes):
@@ -206,6 +235,7 @@ def sweep_lambda(
 
     from . import dist
     from .api import default_cache_dir, sweep_lambda as run_sweep
+    from .patcher import check_lam, check_temperature
     from .report import rich_table, table_frame
     from .sweep import DEFAULT_LAMS
 
@@ -213,15 +243,17 @@ def sweep_lambda(
     if distributed and device == "auto":
         device = dist.local_device() or "cpu"
     try:
+        _check_out(out, "--out", {"--data": data, "the model file": _source_file(source), "--weights": weights,
+                                  "--class-map": class_map})
         if out.exists() and not force:
             raise PatchCSRAError(f"--out {out} exists; pass --force to overwrite it")
         if not data.exists():
             raise PatchCSRAError(f"--data {data} does not exist")
         if difficult not in ("ignore", "positive"):
             raise PatchCSRAError(f"--difficult {difficult!r}: choose ignore or positive")
-        lam_grid = _parse_floats(lams, "--lams") or list(DEFAULT_LAMS)
-        t_grid = _parse_floats(temperatures, "--temperatures")
-        fixed = None if fixed_lam is None else _parse_float(fixed_lam, "--fixed-lam")
+        lam_grid = [check_lam(v, "--lams") for v in _parse_floats(lams, "--lams") or DEFAULT_LAMS]
+        t_grid = [check_temperature(v, "--temperatures") for v in _parse_floats(temperatures, "--temperatures")]
+        fixed = None if fixed_lam is None else check_lam(_parse_float(fixed_lam, "--fixed-lam"), "--fixed-lam")
         size = _parse_input_size(input_size)
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=_err,
@@ -262,6 +294,9 @@ def sweep_lambda(
         _err.print(f"[yellow]note:[/] classes without positives (left out of mAP): "
                    f"{', '.join(s['classes']['without_positives'])}", highlight=False)
     c = s["collect"]
+    if c.get("oom_retries"):
+        _err.print(f"[yellow]note:[/] CUDA ran out of memory {c['oom_retries']} time(s) at batch size {batch_size}; "
+                   f"collected at batch size {c['batch_size']}", highlight=False)
     _out.print(rich_table(table_frame([s]), title=f"{s['model']['name']} on {s['dataset']['name']}"))
     _out.print(f"[green]wrote[/] {out}/ ({s['images']['scored']} images; pass: {c['forward_images']} forward, "
                f"{c['seconds']:.1f} s on {c['device']})", highlight=False)
@@ -277,6 +312,8 @@ def report(
     from .report import merge_runs, rich_table, write_table
 
     try:
+        if out is not None:
+            _check_out(out, "--out", {f"the run {r}": r for r in runs})
         table = merge_runs(runs)
         if out is not None:
             write_table(table, out, force=force)
@@ -404,6 +441,8 @@ def train_head_cmd(
                           momentum=momentum, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
                           lr_step=lr_step, lr_gamma=lr_gamma, val_fraction=val_fraction, seed=seed,
                           init=init).check()
+        _check_out(out, "--out", {"--data": data, "the model file": _source_file(source), "--weights": weights,
+                                  "--class-map": class_map})
         if out.exists() and not (resume or force):
             raise PatchCSRAError(f"--out {out} exists; pass --resume to continue it or --force to start over")
         if difficult not in ("ignore", "positive"):

@@ -311,9 +311,25 @@ def _load_file(path: Path, *, arch: Optional[str], trust: bool, num_classes: Opt
     raise SourceError(f"{path} holds a {type(obj).__name__}, not a model or a state dict")
 
 
+def _check_checkpoint_bytes(path: Path) -> None:
+    """A torch checkpoint is a zip archive (torch.save) or a pickle (legacy); anything else is refused here,
+    so that garbage is not reported as 'pickled Python objects'."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError as e:
+        raise SourceError(f"{path}: cannot read the file ({type(e).__name__}: {e.strerror or e})") from None
+    if not head:
+        raise SourceError(f"{path}: the file is empty; give a checkpoint saved with torch.save")
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise SourceError(f"{path}: not a readable PyTorch checkpoint (neither a torch.save zip archive nor a "
+                          "pickle); give a file saved with torch.save or a .safetensors file")
+
+
 def _torch_load(path: Path, trust: bool) -> Any:
     if path.suffix.lower() == ".safetensors":
         return load_state_dict_file(path)
+    _check_checkpoint_bytes(path)
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -344,6 +360,7 @@ def load_state_dict_file(path: Union[str, Path]) -> dict[str, Tensor]:
         except Exception as e:  # noqa: BLE001
             raise SourceError(f"{path}: not a readable safetensors file ({type(e).__name__}: {_first_line(e)})") from e
     else:
+        _check_checkpoint_bytes(path)
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:

@@ -76,13 +76,13 @@ def primary_metric(stats: Stats) -> str:
     return "top1" if stats.single_label else "mAP"
 
 
-def check_finite(stats: Stats) -> None:
-    """Refuse NaN/inf logits on readable images, naming how many and which."""
+def check_finite(stats: Stats, model: Optional[str] = None) -> None:
+    """Refuse NaN/inf logits on readable images, naming the model (when given), how many and which."""
     rows = stats.ok
     bad = ~(torch.isfinite(stats.base).all(1) & torch.isfinite(stats.att).all(-1).all(-1)).numpy() & rows
     if bad.any():
         ids = [stats.ids[i] for i in np.flatnonzero(bad)[:5]]
-        raise PatchCSRAError(f"the model produced NaN/inf logits on {int(bad.sum())} image(s) (e.g. "
+        raise PatchCSRAError(f"{'the model' if model is None else f'the model {model}'} produced NaN/inf logits on {int(bad.sum())} image(s) (e.g. "
                              f"{', '.join(ids)}); check the weights, input normalisation and --amp (try --amp none)")
 
 

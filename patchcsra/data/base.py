@@ -97,7 +97,7 @@ class ImageDataset(torch.utils.data.Dataset):
         try:
             with Image.open(path) as im:
                 im.load()
-                img = im.convert("RGB")
+                img = to_rgb(im)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             _logger.debug("bad image %s (%s: %s)", path, type(e).__name__, e)
             img, ok = Image.new("RGB", BAD_IMAGE_SIZE), False
@@ -193,6 +193,23 @@ def select_class_names(ds: ImageDataset, classes: Optional[Sequence[str]], sourc
         raise DatasetError(f"classes={list(unknown[:5])} are not classes of {source}; choose from "
                            f"{', '.join(ds.classes[:25])}{' ...' if len(ds.classes) > 25 else ''}")
     return ds.select_classes([pos[c] for c in classes])
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB from any PIL mode: grayscale, palette, CMYK, and 16-bit images scaled (not clipped) to 8 bits.
+
+    PIL's own ``convert("RGB")`` clips 16-bit values at 255, which turns a 16-bit PNG nearly white.
+    """
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im).astype(np.float64)
+        if im.mode.startswith("I;16") or a.max(initial=0) > 255:
+            a = a / 257.0
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if im.mode == "F":
+        a = np.asarray(im).astype(np.float64)
+        a = np.nan_to_num(a * (255.0 if a.max(initial=0) <= 1.0 else 1.0))
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGB")
+    return im.convert("RGB")
 
 
 # ---------------------------------------------------------------------------- format registry

@@ -119,12 +119,19 @@ def open_coco(path: Path, split: Optional[str] = None, *, difficult: str = "igno
     targets = np.zeros((len(images), len(cats)), dtype=np.int8)
     anns = data.get("annotations") or []
     if anns:
-        try:
-            r = np.fromiter((row[int(a["image_id"])] for a in anns), dtype=np.int64, count=len(anns))
-            c = np.fromiter((col[int(a["category_id"])] for a in anns), dtype=np.int64, count=len(anns))
-        except KeyError as e:
-            raise DatasetError(f"{json_file}: an annotation refers to image or category id {e.args[0]} that is not "
-                               "listed; fix the json") from None
+        for k, a in enumerate(anns):
+            for key, table, what in (("image_id", row, "images"), ("category_id", col, "categories")):
+                v = a.get(key) if isinstance(a, dict) else None
+                try:
+                    ok = int(v) in table
+                except (TypeError, ValueError):
+                    ok = False
+                if not ok:
+                    raise DatasetError(f"{json_file}: annotations[{k}] (id {a.get('id') if isinstance(a, dict) else '?'}) "
+                                       f"refers to {key.replace('_id', '')} id {v!r}, which is not in '{what}'; "
+                                       "fix the json")
+        r = np.fromiter((row[int(a["image_id"])] for a in anns), dtype=np.int64, count=len(anns))
+        c = np.fromiter((col[int(a["category_id"])] for a in anns), dtype=np.int64, count=len(anns))
         targets[r, c] = 1
     n_empty = int((targets.sum(axis=1) == 0).sum())
     if n_empty:

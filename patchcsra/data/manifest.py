@@ -166,6 +166,15 @@ def _read_json(f: Path, rows: _Rows) -> Optional[list[str]]:
     return classes
 
 
+def _inside(root: Path, p: Path) -> bool:
+    """``p`` (relative paths resolved lexically, ``..`` included) stays under ``root``."""
+    import os.path
+
+    r = os.path.normpath(os.path.abspath(root))
+    q = os.path.normpath(os.path.abspath(p))
+    return q == r or q.startswith(r.rstrip(os.sep) + os.sep)
+
+
 def open_manifest(path: Path, split: Optional[str] = None, *, difficult: str = "ignore",
                   classes: Optional[Sequence[str]] = None) -> ImageDataset:
     """Read a CSV/JSON manifest as an :class:`ImageDataset` (see the module docstring for the forms).
@@ -231,6 +240,10 @@ def open_manifest(path: Path, split: Optional[str] = None, *, difficult: str = "
             raise DatasetError(f"classes={absent[:5]} are not columns of {f}; choose from {', '.join(wide_cols)}")
     single = bool(long_form and ((targets == 1).sum(axis=1) == 1).all())
     root = f.parent
+    for i, where in zip(rows.ids, rows.where):
+        if not Path(i).is_absolute() and not _inside(root, root / i):
+            raise DatasetError(f"{where}: image path {i!r} points outside the manifest's folder {root}; "
+                               "give paths relative to it (or absolute paths)")
     files = tuple(Path(i) if Path(i).is_absolute() else root / i for i in rows.ids)
     name = f.stem if split is None else f"{f.stem}-{split}"
     ds = ImageDataset(name=name, format="manifest", root=root, split=split, classes=tuple(names), files=files,

@@ -139,8 +139,9 @@ def resolve_transform(model: nn.Module, *, img_size: Optional[int] = None,
     for name, v in (("mean", mean), ("std", std)):
         if v is not None:
             vals = tuple(float(x) for x in v)
-            if len(vals) not in (1, spec.input_size[0]) or (name == "std" and min(vals) <= 0):
-                raise PatchCSRAError(f"{name}={v!r}: give {spec.input_size[0]} values"
+            if (len(vals) not in (1, spec.input_size[0]) or not all(math.isfinite(x) for x in vals)
+                    or (name == "std" and min(vals) <= 0)):
+                raise PatchCSRAError(f"{name}={v!r}: give {spec.input_size[0]} finite values"
                                      + (" > 0" if name == "std" else ""))
             spec = replace(spec, **{name: vals * (spec.input_size[0] // len(vals))})
             changed = True

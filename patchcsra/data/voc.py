@@ -210,8 +210,9 @@ def open_voc(path: Path, split: Optional[str] = None, *, difficult: str = "ignor
         values = _labels_from_xml(ann, ids, classes)
         source = "Annotations"
     if not ids:
-        raise DatasetError(f"{main / f'{split}.txt'}: split {split!r} lists no images; choose another split "
-                           f"({', '.join(splits)})")
+        others = [s for s in splits if s != split]
+        hint = f"choose another split ({', '.join(others)})" if others else "add image ids to it"
+        raise DatasetError(f"{main / f'{split}.txt'}: split {split!r} lists no images; {hint}")
     if len(set(ids)) != len(ids):
         raise DatasetError(f"{main / f'{split}.txt'}: an image id is listed twice; list each image once")
     name = year.name.lower() if _YEAR_RE.match(year.name) else year.name

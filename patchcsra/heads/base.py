@@ -288,6 +288,11 @@ def discover(model: nn.Module, *, input_size: Optional[Sequence[int]] = None) ->
                 f"{type(model).__name__}: forward on a probe of shape {tuple(x.shape)} failed "
                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                 "pass input_size=(C, H, W) that the model accepts") from e
+        if isinstance(y, Tensor) and y.is_floating_point() and not bool(torch.isfinite(y).all()):
+            bad = [n for n, p in model.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+            where = f"its parameters {', '.join(bad[:3])} hold NaN/inf" if bad else "check its weights and layers"
+            raise HeadNotFoundError(f"{type(model).__name__}: the model returns NaN/inf logits on a finite probe "
+                                    f"input ({where}); fix or re-export the weights")
         for adapter in list_adapters():
             if not adapter.matches(model):
                 continue
