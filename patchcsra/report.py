@@ -197,17 +197,45 @@ def plot_curve(frame: pd.DataFrame, summary: dict, path: Union[str, Path]) -> No
     fig.savefig(path)
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
 def _atomic_dir(out: Path, force: bool, fill) -> Path:
-    """Create ``out`` by filling a temporary sibling and renaming it into place."""
+    """Create ``out`` by filling a temporary sibling and renaming it into place.
+
+    An existing ``out`` is swapped with the filled sibling in one atomic step where the system allows it,
+    so a process killed at any point leaves either the old complete directory or the new one. Elsewhere
+    the old one is first moved aside to ``.<name>.old`` (and restored from there by the next call if the
+    process died in between). A killed write leaves only its hidden temporary, which the next call removes.
+    """
+    old = out.with_name(f".{out.name}.old")
+    if not out.exists() and old.is_dir():  # a run killed between the two renames below: bring it back
+        os.replace(old, out)
     if out.exists() and not force:
         raise PatchCSRAError(f"{out} exists; pass --force to overwrite it (or choose another --out)")
+    from .export import remove_stale_temps, temp_prefix
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    remove_stale_temps(out.parent)  # what a killed earlier write left
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out.name), dir=out.parent))
     try:
         fill(tmp)
         os.chmod(tmp, 0o777 & ~_umask())
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
+        if out.is_dir() and _exchange(tmp, out):
+            shutil.rmtree(tmp, ignore_errors=True)  # now the old directory
+        elif out.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(out, old)
             os.replace(tmp, out)

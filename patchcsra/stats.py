@@ -41,6 +41,8 @@ EXTRA_T_BUDGET = 2 ** 27
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 
 Progress = Callable[[int, int], None]
+#: what a device out of memory raises (``torch.cuda.OutOfMemoryError`` is the same class); nothing else is retried.
+_OOM_ERRORS = (getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError,)
 
 
 @dataclass
@@ -291,7 +293,12 @@ def collect(patched: PatchedClassifier, dataset, *, temperatures: Sequence[float
         progress: ``progress(done, total)`` after every batch.
 
     Returns:
-        :class:`Stats` over all ``N`` images (``ok`` marks unreadable ones; their rows are zeros).
+        :class:`Stats` over all ``N`` images (``ok`` marks unreadable ones; their rows are zeros). Its
+        ``meta["batch_size"]`` is the batch size the pass ended at: on CUDA out of memory a batch is
+        retried at half the size (logged as a warning, counted in ``meta["oom_retries"]``).
+
+    Raises:
+        PatchCSRAError: CUDA out of memory even at batch size 1.
     """
     if not isinstance(patched, PatchedClassifier):
         raise PatchCSRAError(f"collect needs a PatchedClassifier (from patchcsra.patch), got {type(patched).__name__}")
@@ -324,12 +331,13 @@ def collect(patched: PatchedClassifier, dataset, *, temperatures: Sequence[float
     start = entry.load_into(data) if entry is not None else 0
     if start:
         _logger.info("resuming %s at image %d/%d", entry.path if entry else "", start, n)
+    used = (batch_size, 0)
     if start < n:
-        _run(patched, dataset, list(range(start, n)), temps, index, batch_size, dev, amp_dtype, channels_last,
-             workers, {k: v[start:] for k, v in data.items()}, entry, save_every, progress)
+        used = _run(patched, dataset, list(range(start, n)), temps, index, batch_size, dev, amp_dtype,
+                    channels_last, workers, {k: v[start:] for k, v in data.items()}, entry, save_every, progress)
     if entry is not None:
         _mark_complete(entry)
-    return _stats(data, temps, dataset, key, entry, dev, amp_dtype, n - start)
+    return _stats(data, temps, dataset, key, entry, dev, amp_dtype, n - start, used=used)
 
 
 def _open_entry(cache_dir: Union[str, Path], key: str, temps: list[float], temps_req: set[float], n: int,
@@ -354,10 +362,14 @@ def _mark_complete(entry: _Entry) -> None:
 
 
 def _stats(data: dict[str, Tensor], temps: Sequence[float], dataset, key: str, entry: Optional[_Entry],
-           dev: torch.device, amp_dtype: Optional[torch.dtype], forward_images: int, world: int = 1) -> Stats:
+           dev: torch.device, amp_dtype: Optional[torch.dtype], forward_images: int, world: int = 1,
+           used: Optional[tuple[int, int]] = None) -> Stats:
+    """``used``: ``(batch size the pass ended at, out-of-memory retries)`` from :func:`_run`."""
     meta = {"key": key, "cache": str(entry.path) if entry is not None else None, "device": str(dev),
             "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "none", "forward_images": forward_images,
             "world_size": world}
+    if used is not None:
+        meta["batch_size"], meta["oom_retries"] = int(used[0]), int(used[1])
     return Stats(base=data["base"], max=data["max"], att=data["att"], temperatures=tuple(float(t) for t in temps),
                  targets=np.asarray(dataset.targets, dtype=np.int8), ok=data["ok"].numpy().astype(bool),
                  ids=tuple(dataset.ids), classes=tuple(dataset.classes), single_label=bool(dataset.single_label),
@@ -387,9 +399,10 @@ def _collect_distributed(patched, dataset, key, temps, temps_req, index, batch_s
     mine = dist.shard(n)
     shapes = _row_shapes(len(index), len(temps))
     part = _alloc(len(mine), shapes)
+    used = (batch_size, 0)
     if mine:
-        _run(patched, dataset, mine, temps, index, batch_size, dev, amp_dtype, channels_last, workers, part, None,
-             n, progress)
+        used = _run(patched, dataset, mine, temps, index, batch_size, dev, amp_dtype, channels_last, workers, part,
+                    None, n, progress)
     gathered = dist.gather_to_main((mine, part))
     if not dist.is_main():
         return None
@@ -404,16 +417,28 @@ def _collect_distributed(patched, dataset, key, temps, temps_req, index, batch_s
             old.unlink()
         entry.save_part(0, data)
         _mark_complete(entry)
-    return _stats(data, temps, dataset, key, entry, dev, amp_dtype, n, dist.world_size())
+    return _stats(data, temps, dataset, key, entry, dev, amp_dtype, n, dist.world_size(), used=used)
 
 
 def _run(patched: PatchedClassifier, dataset, rows: list[int], temps: list[float], index: list[int], batch_size: int,
          dev: torch.device, amp_dtype: Optional[torch.dtype], channels_last: Optional[bool], workers: int,
-         out: dict[str, Tensor], entry: Optional[_Entry], save_every: int, progress: Optional[Progress]) -> None:
+         out: dict[str, Tensor], entry: Optional[_Entry], save_every: int,
+         progress: Optional[Progress]) -> tuple[int, int]:
     """Forward ``dataset[rows]`` and write row ``i`` of every ``out`` tensor for ``rows[i]`` (in place).
 
     ``out``: preallocated CPU tensors with ``len(rows)`` rows (see :func:`_row_shapes`). With ``entry``
     (single process, ``rows`` contiguous), every ``save_every`` images are also saved as a cache part.
+
+    On CUDA out of memory (``torch.OutOfMemoryError``) the failed chunk is retried at half the batch size,
+    down to 1, and the smaller size is kept for the rest of the pass (each loader batch of up to
+    ``batch_size`` images is cut into chunks); a warning is logged each time. Rows are written only
+    after their chunk succeeded, so the result equals a pass without the failure.
+
+    Returns:
+        ``(batch size the pass ended at, number of out-of-memory retries)``.
+
+    Raises:
+        PatchCSRAError: out of memory even at batch size 1.
     """
     from torch.utils.data import DataLoader, Subset
 
@@ -430,32 +455,58 @@ def _run(patched: PatchedClassifier, dataset, rows: list[int], temps: list[float
     finite = [(j, t) for j, t in enumerate(temps) if not math.isinf(t)]
     infinite = [j for j, t in enumerate(temps) if math.isinf(t)]
     step = rows[1] - rows[0] if len(rows) > 1 else 1  # 1 in a single process; the world size under torchrun
+
+    def forward(x: Tensor, rs: slice) -> None:
+        """``x``: ``(b, C, H, W)`` images on the CPU -> rows ``rs`` (``b`` of them) of every ``out`` tensor."""
+        x = x.to(dev, non_blocking=True)
+        if cl and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            f = patched.split.forward_features(x)
+            base = patched.split.forward_baseline(f)
+            s = patched.split.forward_locations(f)
+        base, s = base.float(), s.float()
+        if not identity:
+            base, s = base[:, idx], s[:, idx]
+        mx = s.amax(dim=-1)
+        att = {j: residual_attention(s, t) for j, t in finite}  # (b, C) each, all computed before any write
+        out["base"][rs] = base
+        out["max"][rs] = mx
+        for j in infinite:
+            out["att"][rs, :, j] = mx
+        for j, a in att.items():
+            out["att"][rs, :, j] = a
+
+    bs, retries = batch_size, 0  # the current chunk size; it only ever shrinks
     saved, done = 0, 0  # rows of ``out`` saved to the cache / written
     with torch.inference_mode():
         for x, _, ok in loader:
             b = x.shape[0]
-            x = x.to(dev, non_blocking=True)
-            if cl and x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                f = patched.split.forward_features(x)
-                base = patched.split.forward_baseline(f)
-                s = patched.split.forward_locations(f)
-            base, s = base.float(), s.float()
-            if not identity:
-                base, s = base[:, idx], s[:, idx]
-            mx = s.amax(dim=-1)
-            rs = slice(done, done + b)
-            out["base"][rs] = base
-            out["max"][rs] = mx
-            for j in infinite:
-                out["att"][rs, :, j] = mx
-            for j, t in finite:
-                out["att"][rs, :, j] = residual_attention(s, t)
-            out["ok"][rs] = ok.bool()
+            pos = 0
+            while pos < b:
+                m = min(bs, b - pos)
+                failed = False
+                try:
+                    forward(x[pos:pos + m], slice(done + pos, done + pos + m))
+                except _OOM_ERRORS:
+                    failed = True  # handled outside the except block, so the failed chunk's tensors are freed
+                if not failed:
+                    pos += m
+                    continue
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+                if m <= 1:
+                    raise PatchCSRAError(
+                        f"CUDA out of memory even at batch size 1 on {dev} (input {tuple(x.shape[1:])}); "
+                        "use --img-size smaller / --amp bf16, or free the GPU") from None
+                bs = max(1, m // 2)
+                retries += 1
+                _logger.warning("out of memory at batch size %d; retrying with %d", m, bs)
+            out["ok"][done:done + b] = ok.bool()
             done += b
             if entry is not None and (done - saved >= save_every or done == len(rows)):
                 entry.save_part(start + saved, {k: v[saved:done].clone() for k, v in out.items()})
                 saved = done
             if progress is not None:
                 progress(min(n, start + done * step), n)
+    return bs, retries
