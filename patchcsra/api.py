@@ -159,9 +159,9 @@ def sweep_lambda(source: Union[str, os.PathLike, nn.Module], data: Union[str, os
                    img_size=img_size, input_size=input_size, crop_pct=crop_pct, interpolation=interpolation,
                    mean=mean, std=std, fixed_lam=fixed_lam, load_kwargs=load_kwargs)
     ds = prep.dataset
+    where = dict(zip(ds.ids, ds.files))  # id -> file, to name images in messages
     missing = ds.missing_files()
     if missing and not skip_bad:
-        where = dict(zip(ds.ids, ds.files))
         raise DatasetError(f"{len(missing)} image file(s) of {ds.name} are missing (e.g. "
                            f"{', '.join(str(where[i]) for i in missing[:5])}); restore them or pass --skip-bad "
                            "to score without them")
@@ -174,17 +174,13 @@ def sweep_lambda(source: Union[str, os.PathLike, nn.Module], data: Union[str, os
         return None
     bad = [stats.ids[i] for i in range(len(stats)) if not stats.ok[i]]
     if bad and not skip_bad:
-        where = dict(zip(ds.ids, ds.files))
         raise DatasetError(f"{len(bad)} image(s) of {ds.name} could not be read (e.g. "
                            f"{', '.join(str(where.get(i, i)) for i in bad[:5])}); fix them or pass --skip-bad to "
                            f"score without them{' (the pass is cached)' if cache_dir is not None else ''}")
     if bad:
         _logger.warning("skipping %d unreadable image(s): %s", len(bad), ", ".join(bad[:10]))
-    from .sweep import check_finite
-
-    check_finite(stats, prep.model_name)
     result = sweep(stats, lams=lams, temperatures=temperatures, fixed_lam=prep.fixed_lam, metric=metric,
-                   folds=folds, bootstrap=bootstrap, seed=seed)
+                   folds=folds, bootstrap=bootstrap, seed=seed, model=prep.model_name)
     from . import __version__
     from .report import summary_record
 

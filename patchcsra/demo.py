@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import PatchCSRAError
+from .export import atomic_path
 
 __all__ = ["digit_canvases", "DigitNet", "train_digit_net", "run_demo", "DIGIT_CLASSES"]
 
@@ -124,8 +125,6 @@ def _write_split(root: Path, name: str, imgs: np.ndarray, targets: np.ndarray) -
         rel = f"{name}/{i:05d}.png"
         Image.fromarray(img).save(root / rel)
         lines.append(rel + "," + ",".join(str(int(v)) for v in t))
-    from .export import atomic_path
-
     manifest = root / f"{name}.csv"
     with atomic_path(manifest, force=True) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
@@ -157,8 +156,6 @@ def run_demo(out_dir: Union[str, Path], *, n_train: int = 4000, n_test: int = 10
             progress(f"training DigitNet (loss {loss:.3f})", epoch, total)
 
     model = train_digit_net(tr_x, tr_y, epochs=epochs, seed=seed, progress=cb)
-    from .export import atomic_path
-
     with atomic_path(out / "digitnet.pt", force=True) as tmp:
         torch.save(model.state_dict(), tmp)
     run = sweep_lambda(model, manifest, input_size=(3, tr_x.shape[1], tr_x.shape[2]), mean=_MEAN, std=_STD,

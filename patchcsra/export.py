@@ -49,7 +49,10 @@ def _host() -> str:
 
 
 def temp_prefix(name: str) -> str:
-    """Hidden name prefix of a temporary for ``name``: ``.<name>.tmp.<host>-<pid>.`` (see :func:`remove_stale_temps`)."""
+    """Hidden name prefix of a temporary for ``name``: ``.<name>.tmp.<host>-<pid>.``.
+
+    See :func:`remove_stale_temps`.
+    """
     return f".{name}.tmp.{_host()}-{os.getpid()}."
 
 

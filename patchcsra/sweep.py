@@ -82,8 +82,9 @@ def check_finite(stats: Stats, model: Optional[str] = None) -> None:
     bad = ~(torch.isfinite(stats.base).all(1) & torch.isfinite(stats.att).all(-1).all(-1)).numpy() & rows
     if bad.any():
         ids = [stats.ids[i] for i in np.flatnonzero(bad)[:5]]
-        raise PatchCSRAError(f"{'the model' if model is None else f'the model {model}'} produced NaN/inf logits on {int(bad.sum())} image(s) (e.g. "
-                             f"{', '.join(ids)}); check the weights, input normalisation and --amp (try --amp none)")
+        who = "the model" if model is None else f"the model {model}"
+        raise PatchCSRAError(f"{who} produced NaN/inf logits on {int(bad.sum())} image(s) (e.g. {', '.join(ids)}); "
+                             "check the weights, input normalisation and --amp (try --amp none)")
 
 
 def _metrics(stats: Stats, scores: torch.Tensor, rows: np.ndarray, top_k: int,
@@ -151,7 +152,7 @@ def _folds(rows: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
 
 def sweep(stats: Stats, *, lams: Sequence[float] = DEFAULT_LAMS, temperatures: Sequence[float] = (math.inf,),
           fixed_lam: float = 0.2, metric: Optional[str] = None, folds: int = 5, bootstrap: int = 1000,
-          seed: int = 0, top_k: int = 3) -> SweepResult:
+          seed: int = 0, top_k: int = 3, model: Optional[str] = None) -> SweepResult:
     """Table 1 for one (model, dataset), from collected stats: no forward passes.
 
     Args:
@@ -162,8 +163,9 @@ def sweep(stats: Stats, *, lams: Sequence[float] = DEFAULT_LAMS, temperatures: S
         folds: k of the cross-validated λ choice (0 or 1 disables it).
         bootstrap: paired bootstrap resamples for the Δ intervals (0 disables them).
         seed: seeds the folds and the resamples.
+        model: the model's name, for the message when its logits are NaN/inf.
     """
-    check_finite(stats)
+    check_finite(stats, model)
     rows = stats.ok.copy()
     if not rows.any():
         raise PatchCSRAError("no readable images to score")

@@ -119,19 +119,18 @@ def open_coco(path: Path, split: Optional[str] = None, *, difficult: str = "igno
     targets = np.zeros((len(images), len(cats)), dtype=np.int8)
     anns = data.get("annotations") or []
     if anns:
+        r = np.empty(len(anns), dtype=np.int64)
+        c = np.empty(len(anns), dtype=np.int64)
         for k, a in enumerate(anns):
-            for key, table, what in (("image_id", row, "images"), ("category_id", col, "categories")):
+            for key, table, what, dst in (("image_id", row, "images", r), ("category_id", col, "categories", c)):
                 v = a.get(key) if isinstance(a, dict) else None
                 try:
-                    ok = int(v) in table
-                except (TypeError, ValueError):
-                    ok = False
-                if not ok:
-                    raise DatasetError(f"{json_file}: annotations[{k}] (id {a.get('id') if isinstance(a, dict) else '?'}) "
+                    dst[k] = table[int(v)]
+                except (KeyError, TypeError, ValueError):
+                    ann_id = a.get("id") if isinstance(a, dict) else "?"
+                    raise DatasetError(f"{json_file}: annotations[{k}] (id {ann_id}) "
                                        f"refers to {key.replace('_id', '')} id {v!r}, which is not in '{what}'; "
-                                       "fix the json")
-        r = np.fromiter((row[int(a["image_id"])] for a in anns), dtype=np.int64, count=len(anns))
-        c = np.fromiter((col[int(a["category_id"])] for a in anns), dtype=np.int64, count=len(anns))
+                                       "fix the json") from None
         targets[r, c] = 1
     n_empty = int((targets.sum(axis=1) == 0).sum())
     if n_empty:

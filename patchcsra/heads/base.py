@@ -289,7 +289,8 @@ def discover(model: nn.Module, *, input_size: Optional[Sequence[int]] = None) ->
                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                 "pass input_size=(C, H, W) that the model accepts") from e
         if isinstance(y, Tensor) and y.is_floating_point() and not bool(torch.isfinite(y).all()):
-            bad = [n for n, p in model.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+            bad = [n for n, p in model.named_parameters()
+                   if p.is_floating_point() and not bool(torch.isfinite(p).all())]
             where = f"its parameters {', '.join(bad[:3])} hold NaN/inf" if bad else "check its weights and layers"
             raise HeadNotFoundError(f"{type(model).__name__}: the model returns NaN/inf logits on a finite probe "
                                     f"input ({where}); fix or re-export the weights")
