@@ -75,8 +75,10 @@ def _check_out(out: Path, flag: str, inputs: dict) -> None:
         raise PatchCSRAError(f"{flag} {out}: folder {parent} is not writable; choose another {flag}")
 
 
-def _source_file(source: str) -> Optional[str]:
-    return source if Path(source).exists() else None
+def _run_inputs(data: Path, source: str, weights: Optional[str], class_map: Optional[Path]) -> dict:
+    """What a run reads, for :func:`_check_out` (a timm:/torchvision: name is no file and is left out)."""
+    return {"--data": data, "the model file": source if Path(source).exists() else None, "--weights": weights,
+            "--class-map": class_map}
 
 
 def _load(source: str, arch, weights, trust, pretrained, num_classes):
@@ -243,8 +245,7 @@ def sweep_lambda(
     if distributed and device == "auto":
         device = dist.local_device() or "cpu"
     try:
-        _check_out(out, "--out", {"--data": data, "the model file": _source_file(source), "--weights": weights,
-                                  "--class-map": class_map})
+        _check_out(out, "--out", _run_inputs(data, source, weights, class_map))
         if out.exists() and not force:
             raise PatchCSRAError(f"--out {out} exists; pass --force to overwrite it")
         if not data.exists():
@@ -441,8 +442,7 @@ def train_head_cmd(
                           momentum=momentum, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
                           lr_step=lr_step, lr_gamma=lr_gamma, val_fraction=val_fraction, seed=seed,
                           init=init).check()
-        _check_out(out, "--out", {"--data": data, "the model file": _source_file(source), "--weights": weights,
-                                  "--class-map": class_map})
+        _check_out(out, "--out", _run_inputs(data, source, weights, class_map))
         if out.exists() and not (resume or force):
             raise PatchCSRAError(f"--out {out} exists; pass --resume to continue it or --force to start over")
         if difficult not in ("ignore", "positive"):

@@ -265,6 +265,13 @@ def _read_meta(extra: dict) -> Optional[dict]:
         return None
 
 
+#: archive kind -> ``load(path, extra_files) -> nn.Module`` (``extra_files`` is filled with the stored records)
+_ARCHIVE_LOADERS = {
+    "torch.export": lambda path, extra: torch.export.load(str(path), extra_files=extra).module(),
+    "TorchScript": lambda path, extra: torch.jit.load(str(path), map_location="cpu", _extra_files=extra),
+}
+
+
 def _load_file(path: Path, *, arch: Optional[str], trust: bool, num_classes: Optional[int],
                model_kwargs: dict) -> nn.Module:
     if not path.exists():
@@ -275,27 +282,17 @@ def _load_file(path: Path, *, arch: Optional[str], trust: bool, num_classes: Opt
     if path.is_dir():
         raise SourceError(f"{path} is a directory; give a checkpoint file or a timm:/torchvision: name")
     kind = "torch.export" if path.suffix.lower() == ".pt2" else "TorchScript" if _is_torchscript(path) else None
-    if kind is not None and not trust:
-        raise TrustError(f"{path} is a {kind} archive: it carries code that runs when it is loaded or called "
-                         "(PyTorch treats such files as programs), so it is refused: pass trust=True (CLI --trust) "
-                         "if you wrote it (e.g. with 'patchcsra patch') or trust its source")
-    if path.suffix.lower() == ".pt2":
+    if kind is not None:
+        if not trust:
+            raise TrustError(f"{path} is a {kind} archive: it carries code that runs when it is loaded or called "
+                             "(PyTorch treats such files as programs), so it is refused: pass trust=True (CLI "
+                             "--trust) if you wrote it (e.g. with 'patchcsra patch') or trust its source")
         extra = {META_FILE: ""}
         try:
-            ep = torch.export.load(str(path), extra_files=extra)
+            module = _ARCHIVE_LOADERS[kind](path, extra)
         except Exception as e:  # noqa: BLE001
-            raise SourceError(f"{path}: not a readable torch.export archive ({type(e).__name__}: {_first_line(e)})") from e
-        meta = _read_meta(extra)
-        module = ep.module()
-        return _archive(module, meta)
-    if _is_torchscript(path):
-        extra = {META_FILE: ""}
-        try:
-            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-        except Exception as e:  # noqa: BLE001
-            raise SourceError(f"{path}: not a readable TorchScript archive ({type(e).__name__}: {_first_line(e)})") from e
-        meta = _read_meta(extra)
-        return _archive(module, meta)
+            raise SourceError(f"{path}: not a readable {kind} archive ({type(e).__name__}: {_first_line(e)})") from e
+        return _archive(module, _read_meta(extra))
     obj = _torch_load(path, trust)
     if isinstance(obj, nn.Module):
         return obj
