@@ -18,7 +18,7 @@ from .errors import DataMismatchError, DatasetError
 from .csra import AttentionPoolHead, CSRAHead, HeadedClassifier, attach_head
 from .train import TrainConfig, train_head
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "load", "patch", "describe", "save_patched", "PatchedClassifier", "PatchedArchive", "residual_attention",

@@ -181,7 +181,8 @@ def sweep_lambda(source: Union[str, os.PathLike, nn.Module], data: Union[str, os
         _logger.warning("skipping %d unreadable image(s): %s", len(bad), ", ".join(bad[:10]))
     result = sweep(stats, lams=lams, temperatures=temperatures, fixed_lam=prep.fixed_lam, metric=metric,
                    folds=folds, bootstrap=bootstrap, seed=seed, model=prep.model_name)
-    from . import __version__
+    from ._version import __version__
+    from .provenance import environment
     from .report import summary_record
 
     info = prep.patched.info
@@ -196,6 +197,7 @@ def sweep_lambda(source: Union[str, os.PathLike, nn.Module], data: Union[str, os
         collect={"batch_size": batch_size, **stats.meta, "seconds": round(seconds, 3),  # meta: after OOM retries
                  "images_per_s": round(stats.meta.get("forward_images", 0) / seconds, 2) if seconds > 0 else None},
         patchcsra_version=__version__,
+        environment=environment(),
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
     return SweepRun(result, summary)

@@ -29,7 +29,6 @@ import json
 import logging
 import math
 import os
-import platform
 import shutil
 import tarfile
 import time
@@ -40,6 +39,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 
 from .errors import PatchCSRAError
+from .provenance import environment, environment_diff
 
 __all__ = ["CASE_KINDS", "BUILTIN_SUITES", "Suite", "load_suite", "run_suite", "check_results", "CheckRow",
            "register_case", "DEFAULT_TOLERANCE", "SCORE_FIELDS"]
@@ -282,17 +282,6 @@ def _run_train_sweep_case(case: dict, ctx: _Context) -> dict:
 
 
 # ----------------------------------------------------------------------------- running and checking
-def _environment() -> dict:
-    import timm
-    import torchvision
-
-    from . import __version__
-
-    return {"patchcsra": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "timm": timm.__version__, "python": platform.python_version(), "machine": platform.machine(),
-            "threads": torch.get_num_threads()}
-
-
 def run_suite(suite: Union[Suite, str, os.PathLike], work_dir: Union[str, Path], *,
               only: Optional[Sequence[str]] = None, workers: Optional[int] = 0,
               progress: Optional[Progress] = None) -> dict:
@@ -308,7 +297,7 @@ def run_suite(suite: Union[Suite, str, os.PathLike], work_dir: Union[str, Path],
         raise PatchCSRAError(f"--only {', '.join(unknown)}: not in suite {s.name!r} (cases: {', '.join(names)})")
     ctx = _Context(s, Path(work_dir), workers, progress)
     ctx.work.mkdir(parents=True, exist_ok=True)
-    record: dict[str, Any] = {"suite": s.name, "tolerance": s.tolerance, "environment": _environment(), "cases": {}}
+    record: dict[str, Any] = {"suite": s.name, "tolerance": s.tolerance, "environment": environment(), "cases": {}}
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
@@ -394,3 +383,60 @@ def write_json(record: dict, path: Union[str, Path], *, force: bool = False) -> 
     with atomic_path(p, force=force) as tmp:
         Path(tmp).write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
     return p
+
+
+# ----------------------------------------------------------------------------- README figures (one source of truth)
+#: README.md blocks generated from an expected file: ``<!-- figures:NAME -->`` ... ``<!-- /figures:NAME -->``
+README_BLOCKS = ("demo", "suite")
+
+
+def _fmt_delta(sc: dict, key: str) -> str:
+    lo, hi = sc[f"{key}_ci"]
+    return f"{sc[f'{key}_delta']:+.2f}, 95% CI [{lo:+.2f}, {hi:+.2f}]"
+
+
+def readme_figures(expected: dict) -> dict[str, str]:
+    """The README's reference-figure blocks, rendered from an expected (or result) record.
+
+    ``demo``: one sentence with the embedded default's mAP; ``suite``: a Markdown table, one row per case and
+    metric (baseline, fixed / oracle / cross-validated λ with their scores and Δ).
+    """
+    cases = expected.get("cases") or {}
+    out = {}
+    d = (cases.get("demo") or {}).get("scores", {}).get("mAP")
+    if d:
+        out["demo"] = (f"Reference figures (`benchmarks/expected.json`, CPU): test mAP **{d['baseline']:.2f} → "
+                       f"{d['fixed']:.2f}** at the paper's fixed λ = {d['fixed_lam']:g} ({_fmt_delta(d, 'fixed')}); "
+                       f"cross-validated λ = {d['cv_lam']:g}: {d['cv']:.2f}; oracle λ = {d['oracle_lam']:g}: "
+                       f"{d['oracle']:.2f}.")
+    rows = ["| case | images | metric | baseline | fixed λ | oracle λ, T | CV λ, T |", "|---|---|---|---|---|---|---|"]
+    for name, rec in cases.items():
+        for metric, sc in (rec.get("scores") or {}).items():
+            rows.append(f"| {name} | {rec.get('images', '')} | {metric} | {sc['baseline']:.2f} | "
+                        f"{sc['fixed']:.2f} ({sc['fixed_delta']:+.2f}) @ {sc['fixed_lam']:g} | "
+                        f"{sc['oracle']:.2f} ({sc['oracle_delta']:+.2f}) @ {sc['oracle_lam']:g}, {sc['oracle_T']} | "
+                        f"{sc['cv']:.2f} ({sc['cv_delta']:+.2f}) @ {sc['cv_lam']:g}, {sc['cv_T']} |")
+    env = expected.get("environment") or {}
+    kern = env.get("kernels") or {}
+    rows.append("")
+    rows.append(f"Recorded with torch {env.get('torch')}, timm {env.get('timm')}, python {env.get('python')}, "
+                f"{env.get('threads')} threads, CPU kernels {kern.get('aten', '?')} / oneDNN "
+                f"{kern.get('onednn_isa', '?')}.")
+    out["suite"] = "\n".join(rows)
+    return out
+
+
+def sync_readme(text: str, expected: dict) -> str:
+    """``text`` (README.md) with every figures block replaced by :func:`readme_figures` of ``expected``.
+
+    Raises:
+        PatchCSRAError: a block's markers are missing.
+    """
+    import re
+
+    for name, body in readme_figures(expected).items():
+        pat = re.compile(rf"(<!-- figures:{name} [^\n]*-->\n).*?(<!-- /figures:{name} -->)", re.S)
+        if not pat.search(text):
+            raise PatchCSRAError(f"README has no '<!-- figures:{name} ... -->' ... '<!-- /figures:{name} -->' block")
+        text = pat.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text, count=1)
+    return text

@@ -507,14 +507,16 @@ def train_head_cmd(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="where data, model and the run go"),
-    n_train: int = typer.Option(4000, "--n-train", help="training canvases"),
+    n_train: int = typer.Option(4000, "--n-train", help="training canvases (another value trains here)"),
     n_test: int = typer.Option(1000, "--n-test", help="test canvases"),
-    epochs: int = typer.Option(8, "--epochs"),
-    seed: int = typer.Option(0, "--seed"),
+    epochs: int = typer.Option(8, "--epochs", help="training epochs (another value trains here)"),
+    seed: int = typer.Option(0, "--seed", help="canvas and training seed (another value trains here)"),
+    retrain: bool = typer.Option(False, "--retrain", help="train DigitNet here instead of using the shipped "
+                                 "weights (its figures then depend on this CPU's kernel set and thread count)"),
     force: bool = typer.Option(False, "--force", help="run again over an existing OUT/run"),
 ) -> None:
-    """The embedded default, offline: multi-digit canvases from sklearn's real digits, a GAP CNN trained
-    here, then patch + one-pass λ sweep + Table 1 (OUT/run)."""
+    """The embedded default, offline: multi-digit canvases from sklearn's real digits, a GAP CNN (shipped
+    weights, or --retrain), then patch + one-pass λ sweep + Table 1 (OUT/run)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .demo import run_demo
@@ -530,12 +532,14 @@ def demo(
             def cb(msg: str, done: int, total: int) -> None:
                 progress.update(task, description=msg, completed=done, total=total)
 
-            run = run_demo(out, n_train=n_train, n_test=n_test, epochs=epochs, seed=seed, force=force, progress=cb)
+            run = run_demo(out, n_train=n_train, n_test=n_test, epochs=epochs, seed=seed,
+                           retrain=True if retrain else None, force=force, progress=cb)
     except PatchCSRAError as e:
         _fail(str(e))
     _out.print(rich_table(table_frame([run.summary]), title="Table 1 (embedded default)"))
     _out.print(f"[green]wrote[/] {out}/run/ (results.csv, summary.json, table.md, table.tex, curve.png), "
-               f"{out}/digitnet.pt and the canvases in {out}/data/", highlight=False)
+               f"{out}/digitnet.pt ({run.summary['model']['weights']}) and the canvases in {out}/data/",
+               highlight=False)
 
 
 @app.command()
@@ -592,6 +596,11 @@ def bench(
                   "[green]ok[/]" if r.ok else "[bold red]FAIL[/]")
     _out.print(t)
     bad = [r for r in rows if not r.ok]
+    moved = B.environment_diff(expected.get("environment"), record.get("environment"))  # type: ignore[union-attr]
+    if moved:
+        (_err if bad else _out).print(
+            f"{'[bold red]' if bad else ''}environment differs from {check}{'[/]' if bad else ''} (what can move a "
+            "figure): " + "; ".join(f"{k} {a} -> {b}" for k, a, b in moved), highlight=False, soft_wrap=True)
     if bad:
         _err.print(f"[bold red]regression:[/] {len(bad)} of {len(rows)} checks failed "
                    f"({', '.join(sorted({f'{r.case}/{r.metric or r.field}' for r in bad}))})", highlight=False)

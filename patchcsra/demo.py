@@ -5,12 +5,16 @@
   objects are several and small -- the case the paper is about. Train and test canvases use disjoint
   digit scans.
 * :class:`DigitNet` -- a small CNN whose head is global average pooling + one Linear (like ResNets).
-* :func:`train_digit_net` -- trained the ordinary way (BCE, Adam, seeded, deterministic on CPU).
-* :func:`run_demo` -- writes the canvases as PNGs with a CSV manifest, trains the model, then runs
-  the real :func:`patchcsra.sweep_lambda` on the test manifest and writes a Table-1 run directory.
+* :func:`train_digit_net` -- trained the ordinary way (BCE, Adam, seeded; repeatable on one machine).
+* :func:`shipped_digit_net` -- the DigitNet trained once with :data:`RECIPE`, shipped with the package, so
+  the embedded default gives the same figures on every machine (training itself does not: see there).
+* :func:`run_demo` -- writes the canvases as PNGs with a CSV manifest, takes the shipped model (or trains
+  one), then runs the real :func:`patchcsra.sweep_lambda` on the test manifest and writes a Table-1 run.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 from pathlib import Path
@@ -24,11 +28,36 @@ from torch import nn
 from .errors import PatchCSRAError
 from .export import atomic_path
 
-__all__ = ["digit_canvases", "DigitNet", "train_digit_net", "run_demo", "DIGIT_CLASSES"]
+__all__ = ["digit_canvases", "canvases_digest", "DigitNet", "train_digit_net", "shipped_digit_net",
+           "write_shipped_weights", "run_demo", "DIGIT_CLASSES", "RECIPE", "WEIGHTS_FILE"]
 
 _logger = logging.getLogger(__name__)
 DIGIT_CLASSES = tuple(str(d) for d in range(10))
 _MEAN, _STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+
+def _bilinear_weights(size: int, src: int = 8) -> tuple[np.ndarray, int]:
+    """Integer bilinear weights ``(size, src)`` (``align_corners=False``, edges clamped) and their row sum.
+
+    Source coordinate of output pixel ``i`` is ``(i + 0.5) * src / size - 0.5 = num / den`` with
+    ``den = 2 * size``; every weight is an integer numerator over ``den``, so the resize is exact integer
+    arithmetic: the same bytes on every machine and every numpy / Pillow version.
+    """
+    den = 2 * size
+    w = np.zeros((size, src), np.int64)
+    for i in range(size):
+        x0, r = divmod(max((2 * i + 1) * src - size, 0), den)
+        w[i, x0] += den - r
+        w[i, min(x0 + 1, src - 1)] += r
+    return w, den
+
+
+def _resize_glyph(levels: np.ndarray, size: int) -> np.ndarray:
+    """A ``(8, 8)`` scan of 0-16 ink levels -> ``(size, size)`` uint8 (0-255), bilinear, rounded half up."""
+    w, den = _bilinear_weights(size, levels.shape[0])
+    v = w @ levels.astype(np.int64) @ w.T  # ink levels x den^2
+    q = 16 * den * den  # 16 ink levels -> 255
+    return ((2 * 255 * v + q) // (2 * q)).astype(np.uint8)
 
 
 def digit_canvases(n: int, *, size: int = 48, max_digits: int = 4, part: str = "train",
@@ -36,28 +65,37 @@ def digit_canvases(n: int, *, size: int = 48, max_digits: int = 4, part: str = "
     """``n`` canvases ``(n, size, size)`` uint8 and targets ``(n, 10)`` int8 (1 = the digit appears).
 
     ``part='train'`` draws digit scans from the first 1,200 of sklearn's 1,797, ``'test'`` from the rest.
+    Built with integer arithmetic only (:func:`_resize_glyph`, ``np.maximum`` on uint8) from numpy's
+    PCG64 stream: bit-identical across machines, CPU kernel sets and numpy / Pillow versions.
     """
-    from PIL import Image
     from sklearn.datasets import load_digits
 
     if part not in ("train", "test"):
         raise PatchCSRAError(f"part={part!r}: choose train or test")
     d = load_digits()
+    levels = np.rint(d.images).astype(np.int64)  # 0..16 ink levels, as scanned
     pool = np.arange(0, 1200) if part == "train" else np.arange(1200, len(d.images))
     rng = np.random.default_rng(seed + (0 if part == "train" else 10_000))
     imgs = np.zeros((n, size, size), np.uint8)
     targets = np.zeros((n, 10), np.int8)
     for i in range(n):
-        canvas = np.zeros((size, size), np.float32)
         for _ in range(int(rng.integers(1, max_digits + 1))):
             j = int(rng.choice(pool))
             s = int(rng.integers(10, size // 2 + 1))
-            glyph = Image.fromarray((d.images[j] * (255 / 16)).astype(np.uint8)).resize((s, s), Image.BILINEAR)
             y, x = (int(v) for v in rng.integers(0, size - s + 1, 2))
-            canvas[y:y + s, x:x + s] = np.maximum(canvas[y:y + s, x:x + s], np.asarray(glyph, np.float32))
+            window = imgs[i, y:y + s, x:x + s]
+            np.maximum(window, _resize_glyph(levels[j], s), out=window)
             targets[i, int(d.target[j])] = 1
-        imgs[i] = canvas.clip(0, 255).astype(np.uint8)
     return imgs, targets
+
+
+def canvases_digest(imgs: np.ndarray, targets: np.ndarray) -> str:
+    """sha256 of canvases and targets (what the shipped weights were trained on)."""
+    h = hashlib.sha256()
+    for a in (imgs, targets):
+        h.update(str((a.shape, a.dtype.str)).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
 
 
 class DigitNet(nn.Module):
@@ -131,10 +169,63 @@ def _write_split(root: Path, name: str, imgs: np.ndarray, targets: np.ndarray) -
     return manifest
 
 
-def run_demo(out_dir: Union[str, Path], *, n_train: int = 4000, n_test: int = 1000, epochs: int = 8,
-             seed: int = 0, workers: Optional[int] = 0, force: bool = False,
+#: the recipe the shipped weights were trained with: ``train_digit_net(*digit_canvases(n_train, part='train',
+#: seed=seed), epochs=epochs, seed=seed)``.
+RECIPE = {"n_train": 4000, "epochs": 8, "seed": 0}
+#: DigitNet trained once with :data:`RECIPE` (``benchmarks/train_demo_weights.py``), shipped in the wheel.
+WEIGHTS_FILE = Path(__file__).with_name("assets") / "digitnet.safetensors"
+
+
+def shipped_digit_net(path: Union[str, Path] = WEIGHTS_FILE) -> tuple[DigitNet, dict]:
+    """The shipped :class:`DigitNet` (eval mode) and its record (recipe, canvases digest, where it was trained).
+
+    Training a network is chaotic: a float32 round-off difference (another CPU kernel set, another thread
+    count) grows into another model within a few hundred steps (test mAP 76.16 / 76.44 / 76.79 were seen for
+    the same recipe and package versions on three machines). Shipping the trained weights is what makes the
+    embedded default give the same figures everywhere; ``patchcsra demo --retrain`` trains here instead.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("patchcsra", "{}"))
+        state = load_file(str(p))
+    except (OSError, ValueError, RuntimeError) as e:
+        raise PatchCSRAError(f"{p}: cannot read the shipped DigitNet weights ({type(e).__name__}: {e}); "
+                             "reinstall patchcsra or run 'patchcsra demo --retrain'") from None
+    model = DigitNet()
+    model.load_state_dict(state)
+    return model.eval(), meta
+
+
+def write_shipped_weights(path: Union[str, Path] = WEIGHTS_FILE, *, force: bool = False,
+                          progress: Optional[Callable[[int, int, float], None]] = None) -> dict:
+    """Train :class:`DigitNet` with :data:`RECIPE` and write it to ``path`` (safetensors); returns its record."""
+    from safetensors.torch import save_file
+
+    from .provenance import environment
+
+    x, y = digit_canvases(RECIPE["n_train"], part="train", seed=RECIPE["seed"])
+    model = train_digit_net(x, y, epochs=RECIPE["epochs"], seed=RECIPE["seed"], progress=progress)
+    record = {"recipe": dict(RECIPE), "train_canvases_sha256": canvases_digest(x, y),
+              "trained_with": environment()}
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path, force=force) as tmp:
+        save_file(state, str(tmp), metadata={"patchcsra": json.dumps(record, sort_keys=True)})
+    return record
+
+
+def run_demo(out_dir: Union[str, Path], *, n_train: int = RECIPE["n_train"], n_test: int = 1000,
+             epochs: int = RECIPE["epochs"], seed: int = RECIPE["seed"], retrain: Optional[bool] = None,
+             workers: Optional[int] = 0, force: bool = False,
              progress: Optional[Callable[[str, int, int], None]] = None):
-    """Build the digit canvases, train :class:`DigitNet`, and sweep λ on the test canvases.
+    """Build the digit canvases, take the shipped :class:`DigitNet` (or train one), and sweep λ on the test canvases.
+
+    ``retrain=None`` trains only when ``n_train`` / ``epochs`` / ``seed`` differ from :data:`RECIPE`; the
+    shipped weights are used otherwise, so the figures are the same on every machine. A model trained here
+    depends on the CPU's kernel set and thread count (see :func:`shipped_digit_net`).
 
     Writes ``out_dir/data/{train,test}/*.png`` + ``{train,test}.csv``, ``out_dir/digitnet.pt`` (state dict)
     and the run directory ``out_dir/run`` (results.csv, summary.json, table.md/.tex, curve.png).
@@ -145,6 +236,12 @@ def run_demo(out_dir: Union[str, Path], *, n_train: int = 4000, n_test: int = 10
     out = Path(out_dir)
     if (out / "run").exists() and not force:
         raise PatchCSRAError(f"{out / 'run'} exists; pass --force to run the demo again")
+    recipe = {"n_train": n_train, "epochs": epochs, "seed": seed}
+    if retrain is None:
+        retrain = recipe != RECIPE
+    elif not retrain and recipe != RECIPE:
+        raise PatchCSRAError(f"the shipped weights were trained with {RECIPE}, not {recipe}; "
+                             "drop --n-train/--epochs/--seed or pass --retrain")
     out.mkdir(parents=True, exist_ok=True)
     tr_x, tr_y = digit_canvases(n_train, part="train", seed=seed)
     te_x, te_y = digit_canvases(n_test, part="test", seed=seed)
@@ -155,14 +252,22 @@ def run_demo(out_dir: Union[str, Path], *, n_train: int = 4000, n_test: int = 10
         if progress is not None:
             progress(f"training DigitNet (loss {loss:.3f})", epoch, total)
 
-    model = train_digit_net(tr_x, tr_y, epochs=epochs, seed=seed, progress=cb)
+    if retrain:
+        model, weights = train_digit_net(tr_x, tr_y, epochs=epochs, seed=seed, progress=cb), "trained here"
+    else:
+        model, record = shipped_digit_net()
+        weights = f"shipped ({WEIGHTS_FILE.name}, trained with {RECIPE})"
+        if record.get("train_canvases_sha256") != canvases_digest(tr_x, tr_y):
+            _logger.warning("the training canvases differ from the ones the shipped DigitNet was trained on; "
+                            "the figures will differ from the reference ones")
     with atomic_path(out / "digitnet.pt", force=True) as tmp:
         torch.save(model.state_dict(), tmp)
     run = sweep_lambda(model, manifest, input_size=(3, tr_x.shape[1], tr_x.shape[2]), mean=_MEAN, std=_STD,
                        crop_pct=1.0, workers=workers, device="cpu", amp="none", cache_dir=None,
                        temperatures=(1.0, 2.0, 4.0, math.inf), bootstrap=1000, fixed_lam=0.2,
                        progress=(lambda d, t: progress("collecting", d, t)) if progress is not None else None)
-    run.summary["model"]["name"] = "DigitNet (GAP + Linear, trained here)"
+    run.summary["model"]["name"] = "DigitNet (GAP + Linear)"
+    run.summary["model"]["weights"] = weights
     run.summary["dataset"]["name"] = "sklearn-digits canvases (test)"
     run.write(out / "run", force=force)
     return run

@@ -122,7 +122,7 @@ def atomic_path(path: Union[str, os.PathLike], *, force: bool = False) -> Iterat
 
 
 def patched_metadata(patched: PatchedClassifier, source: Optional[dict] = None, fmt: str = "") -> dict:
-    from . import __version__
+    from ._version import __version__
 
     info = patched.info
     return {

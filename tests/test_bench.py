@@ -110,3 +110,17 @@ def test_cli_bench_runs_a_tiny_suite_and_gates(tmp_path):
     assert bad.exit_code == 1 and "FAIL" in bad.output and "regression" in bad.output
     missing = runner.invoke(app, ["bench", "--results", str(out), "--check", str(tmp_path / "none.json")])
     assert missing.exit_code == 2 and "does not exist" in missing.output
+
+
+def test_check_failure_names_the_environment_that_moved(tmp_path):
+    got, exp = _record(base=80.0), _record(base=81.0)
+    got["environment"] = {"torch": "2.14.1", "packages": {"pillow": "13.0.0", "numpy": "2.4.6"},
+                          "kernels": {"onednn_isa": "avx512_core"}, "command": "patchcsra bench x"}
+    exp["environment"] = {"torch": "2.14.1", "packages": {"pillow": "12.0.0", "numpy": "2.4.6"},
+                          "kernels": {"onednn_isa": "avx2"}, "command": "other"}
+    (tmp_path / "got.json").write_text(json.dumps(got))
+    (tmp_path / "exp.json").write_text(json.dumps(exp))
+    r = runner.invoke(app, ["bench", "--results", str(tmp_path / "got.json"), "--check", str(tmp_path / "exp.json")])
+    said = " ".join(r.output.split())
+    assert r.exit_code == 1 and "packages.pillow 12.0.0 -> 13.0.0" in said and "kernels.onednn_isa avx2 -> avx512_core" in said
+    assert "numpy" not in said and "command" not in said.split("environment differs")[1]

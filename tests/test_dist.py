@@ -49,5 +49,10 @@ def test_torchrun_two_gloo_processes_equal_one_process(tmp_path, monkeypatch):
     assert b["images"]["scored"] == 2000
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "one" / "results.csv"),
                                   pd.read_csv(tmp_path / "two" / "results.csv"))
-    assert a["choices"] == b["choices"] and a["baseline"] == b["baseline"]
+    # two shards at one thread each run other CPU kernels than one process: equal within float32 round-off
+    for k, ca in a["choices"].items():
+        cb = b["choices"][k]
+        assert (ca["lam"], ca["temperature"]) == (cb["lam"], cb["temperature"]), k
+        assert ca["score"] == pytest.approx(cb["score"], rel=1e-6) and ca["delta"] == pytest.approx(cb["delta"], abs=1e-4)
+    assert a["baseline"] == pytest.approx(b["baseline"], rel=1e-6)
     assert (tmp_path / "one" / "table.md").read_text() == (tmp_path / "two" / "table.md").read_text()

@@ -358,11 +358,13 @@ def test_oom_retries_with_half_the_batch_and_keeps_it(collected, monkeypatch, ca
     assert st.meta["batch_size"] == 2 and st.meta["oom_retries"] == 2
     msgs = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert msgs == ["out of memory at batch size 8; retrying with 4", "out of memory at batch size 4; retrying with 2"]
-    for k in ("base", "max", "att"):
-        torch.testing.assert_close(getattr(st, k), getattr(full, k), rtol=0, atol=0)
+    for k in ("base", "max", "att"):  # batch sizes 2 and 8 run other CPU kernels: equal within float32 round-off
+        torch.testing.assert_close(getattr(st, k), getattr(full, k), rtol=1.3e-6, atol=1e-5)
     assert (st.ok == full.ok).all() and st.temperatures == full.temperatures
     again = collect(patched, ds, temperatures=[1.0], batch_size=8, device="cpu", workers=0, cache_dir=tmp_path)
-    assert again.meta["forward_images"] == 0 and torch.equal(again.att, full.att)  # the parts were cached whole
+    assert again.meta["forward_images"] == 0  # the parts were cached whole: the very bytes of the retried pass
+    for k in ("base", "max", "att"):
+        assert torch.equal(getattr(again, k), getattr(st, k)), k
 
 
 def test_oom_at_batch_size_one_is_one_clear_error(collected, monkeypatch):
@@ -404,4 +406,6 @@ def test_cli_says_when_it_retried(world, monkeypatch, tmp_path):
     assert "note: CUDA ran out of memory 1 time(s) at batch size 4; collected at batch size 2" in said
     s = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert s["collect"]["batch_size"] == 2 and s["collect"]["oom_retries"] == 1
-    assert _sha(tmp_path / "o" / "results.csv") == _sha(world["ref"] / "results.csv")
+    # collected at batch size 2 instead of 4 (other CPU kernels): the same metrics within float32 round-off
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "o" / "results.csv"),
+                                  pd.read_csv(world["ref"] / "results.csv"), check_exact=False, rtol=1e-5)
