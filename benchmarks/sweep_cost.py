@@ -57,8 +57,9 @@ def main(argv=None) -> int:
     import patchcsra
     from patchcsra import metrics as M
     from patchcsra.api import prepare
-    from patchcsra.stats import collect, default_workers, resolve_amp, resolve_device
-    from patchcsra.sweep import DEFAULT_LAMS, evaluate_grid
+    from patchcsra.runtime import default_workers, resolve_amp, resolve_device
+    from patchcsra.stats import collect
+    from patchcsra.grid import DEFAULT_LAMS, evaluate_grid
 
     is_file = Path(a.source).exists()
     size = None

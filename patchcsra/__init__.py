@@ -5,26 +5,50 @@
     >>> patched = patchcsra.patch(model, lam=0.2)        # model(x) + 0.2 * max_k head(x_k)
     >>> patchcsra.describe(model)                        # what head was found
     >>> run = patchcsra.sweep_lambda(model, "VOCdevkit")  # one pass, λ/T grid, Table-1 record
+
+The root holds the public API only. Names resolve on first use (PEP 562), so ``import patchcsra`` and
+``patchcsra --help`` do not import torch; everything else lives in its module (``patchcsra.heads``,
+``patchcsra.data``, ``patchcsra.metrics``, ``patchcsra.report`` ...).
 """
-from .errors import ExportError, HeadNotFoundError, PatchCSRAError, SourceError, TrustError
-from .heads import HeadInfo, HeadSplit, discover, list_adapters, register_adapter
-from .patcher import PatchedClassifier, default_lam, describe, patch, residual_attention
-from .sources import PatchedArchive, load
-from .export import save_patched
-from .stats import Stats, collect
-from .sweep import DEFAULT_LAMS, SweepResult, evaluate_grid, sweep
-from .api import SweepRun, prepare, sweep_lambda
-from .errors import DataMismatchError, DatasetError
-from .csra import AttentionPoolHead, CSRAHead, HeadedClassifier, attach_head
-from .train import TrainConfig, train_head
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 
-__all__ = [
-    "load", "patch", "describe", "save_patched", "PatchedClassifier", "PatchedArchive", "residual_attention",
-    "default_lam", "discover", "HeadInfo", "HeadSplit", "list_adapters", "register_adapter",
-    "Stats", "collect", "DEFAULT_LAMS", "SweepResult", "evaluate_grid", "sweep", "SweepRun", "prepare",
-    "sweep_lambda", "PatchCSRAError", "SourceError", "TrustError", "HeadNotFoundError", "ExportError",
-    "DatasetError", "DataMismatchError", "CSRAHead", "AttentionPoolHead", "HeadedClassifier", "attach_head",
-    "TrainConfig", "train_head",
-]
+#: public name -> the module that defines it
+_API = {
+    "load": "sources", "patch": "patcher", "describe": "patcher", "residual_attention": "patcher",
+    "save_patched": "export", "prepare": "api", "sweep_lambda": "api", "collect": "stats", "sweep": "grid",
+    "train_head": "train", "TrainConfig": "train", "attach_head": "csra", "CSRAHead": "csra",
+    "AttentionPoolHead": "csra",
+    "PatchCSRAError": "errors", "SourceError": "errors", "TrustError": "errors", "HeadNotFoundError": "errors",
+    "DatasetError": "errors",
+}
+
+__all__ = ["__version__", *_API]
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load lazily
+    from .api import prepare, sweep_lambda
+    from .csra import AttentionPoolHead, CSRAHead, attach_head
+    from .errors import DatasetError, HeadNotFoundError, PatchCSRAError, SourceError, TrustError
+    from .export import save_patched
+    from .grid import sweep
+    from .patcher import describe, patch, residual_attention
+    from .sources import load
+    from .stats import collect
+    from .train import TrainConfig, train_head
+
+
+def __getattr__(name: str) -> Any:
+    module = _API.get(name)
+    if module is None:
+        raise AttributeError(f"module 'patchcsra' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))

@@ -25,7 +25,7 @@ from torch import nn
 from .errors import DatasetError, HeadNotFoundError, PatchCSRAError
 from .patcher import PatchedClassifier, default_lam, patch
 from .stats import Stats, collect
-from .sweep import DEFAULT_LAMS, SweepResult, sweep
+from .grid import DEFAULT_LAMS, SweepResult, sweep
 
 __all__ = ["sweep_lambda", "SweepRun", "prepare", "Prepared", "default_cache_dir"]
 
@@ -147,7 +147,7 @@ def sweep_lambda(source: Union[str, os.PathLike, nn.Module], data: Union[str, os
         data: a dataset path (VOC, COCO, ImageFolder, CSV/JSON manifest) or an ``ImageDataset``.
         split, data_format, difficult: passed to :func:`patchcsra.data.open_dataset`.
         lams, temperatures: the grid; ``fixed_lam`` defaults to the paper's rule (:func:`default_lam`).
-        metric, folds, bootstrap, seed: see :func:`patchcsra.sweep.sweep`.
+        metric, folds, bootstrap, seed: see :func:`patchcsra.grid.sweep`.
         class_map: dataset class -> model output index (file or mapping) when names/counts differ.
         skip_bad: score without unreadable images instead of failing (they are counted and named).
         img_size, input_size, crop_pct, interpolation, mean, std: transform overrides.

@@ -39,6 +39,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 
 from .errors import PatchCSRAError
+from . import _io
 from .provenance import environment, environment_diff
 
 __all__ = ["CASE_KINDS", "BUILTIN_SUITES", "Suite", "load_suite", "run_suite", "check_results", "CheckRow",
@@ -191,7 +192,7 @@ def _first_images(dataset, n: int = 8) -> torch.Tensor:
 
 
 def _score_record(result) -> dict:
-    """One metric's baseline and λ choices from a :class:`~patchcsra.sweep.SweepResult`."""
+    """One metric's baseline and λ choices from a :class:`~patchcsra.grid.SweepResult`."""
     rec: dict[str, Any] = {"baseline": float(result.baseline[result.metric])}
     for key, c in result.choices.items():
         d = c.as_dict()
@@ -205,7 +206,7 @@ def _score_record(result) -> dict:
 
 def _metrics_of(run, case: dict) -> dict:
     """Every requested metric's record from one pass (the stats are reused, no new forward)."""
-    from .sweep import sweep
+    from .grid import sweep
 
     st = run.result.settings
     out = {}
@@ -377,12 +378,7 @@ def read_json(path: Union[str, Path], what: str) -> dict:
 
 def write_json(record: dict, path: Union[str, Path], *, force: bool = False) -> Path:
     """Write ``record`` atomically; refuses to overwrite without ``force``."""
-    from .export import atomic_path
-
-    p = Path(path)
-    with atomic_path(p, force=force) as tmp:
-        Path(tmp).write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
-    return p
+    return _io.write_json(path, record, force=force, indent=2)
 
 
 # ----------------------------------------------------------------------------- README figures (one source of truth)

@@ -18,9 +18,24 @@ from rich.table import Table
 from .errors import PatchCSRAError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="Training-free residual attention (CSRA) for any pretrained image classifier.")
 _out = Console()
 _err = Console(stderr=True)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from ._version import __version__
+
+        sys.stdout.write(f"patchcsra {__version__}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="print the version and exit")) -> None:
+    """Training-free residual attention (CSRA) for any pretrained image classifier."""
 
 TRUST_HELP = ("load a file that runs code: a whole pickled model, a TorchScript or .pt2 archive (only from a "
               "source you trust)")
@@ -239,7 +254,7 @@ def sweep_lambda(
     from .api import default_cache_dir, sweep_lambda as run_sweep
     from .patcher import check_lam, check_temperature
     from .report import rich_table, table_frame
-    from .sweep import DEFAULT_LAMS
+    from .grid import DEFAULT_LAMS
 
     distributed = dist.init_from_env()
     if distributed and device == "auto":

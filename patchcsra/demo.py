@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import PatchCSRAError
-from .export import atomic_path
+from ._io import atomic_path
 
 __all__ = ["digit_canvases", "canvases_digest", "DigitNet", "train_digit_net", "shipped_digit_net",
            "write_shipped_weights", "run_demo", "DIGIT_CLASSES", "RECIPE", "WEIGHTS_FILE"]

@@ -5,8 +5,8 @@ what to do instead. The CLI prints ``str(err)`` and exits non-zero; the Python A
 """
 from __future__ import annotations
 
-__all__ = ["PatchCSRAError", "SourceError", "TrustError", "HeadNotFoundError", "ExportError", "DatasetError",
-           "DataMismatchError"]
+__all__ = ["PatchCSRAError", "SourceError", "TrustError", "HeadNotFoundError", "OutputError", "ExportError",
+           "DatasetError", "DataMismatchError"]
 
 
 class PatchCSRAError(ValueError):
@@ -25,7 +25,11 @@ class HeadNotFoundError(PatchCSRAError):
     """No adapter could split the model into features and a pooling classifier head."""
 
 
-class ExportError(PatchCSRAError):
+class OutputError(PatchCSRAError):
+    """An output cannot be written: it exists (and ``force`` was not given), or its folder is missing."""
+
+
+class ExportError(OutputError):
     """A patched model could not be written in the requested format."""
 
 

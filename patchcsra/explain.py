@@ -409,7 +409,7 @@ def _check_free(paths: Sequence[Path], force: bool) -> None:
 
 def _atomic_write(path: Path, write: Callable[[Any], None], *, force: bool, binary: bool = True) -> Path:
     """``write(fh)`` into a temporary sibling of ``path``, then rename it onto ``path``."""
-    from .export import atomic_path
+    from ._io import atomic_path
 
     _check_free([path], force)
     with atomic_path(path, force=True) as tmp, open(tmp, "wb" if binary else "w") as fh:

@@ -13,24 +13,19 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
-import shutil
-import socket
-import tempfile
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Optional, Union
 
 import torch
 
+from ._io import atomic_path
 from .errors import ExportError
 from .heads.base import allclose_logits, probe_input
 from .sources import META_FILE
 from .patcher import PatchedClassifier
 
-__all__ = ["save_patched", "save_module", "export_format", "atomic_path", "patched_metadata", "temp_prefix",
-           "remove_stale_temps"]
+__all__ = ["save_patched", "save_module", "export_format", "patched_metadata"]
 
 FORMATS = ("torchscript", "export")
 
@@ -42,83 +37,6 @@ def export_format(path: Union[str, os.PathLike], fmt: Optional[str] = None) -> s
     if fmt not in FORMATS:
         raise ExportError(f"format={fmt!r}: choose one of auto, {', '.join(FORMATS)}")
     return fmt
-
-
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname()) or "host"
-
-
-def temp_prefix(name: str) -> str:
-    """Hidden name prefix of a temporary for ``name``: ``.<name>.tmp.<host>-<pid>.``.
-
-    See :func:`remove_stale_temps`.
-    """
-    return f".{name}.tmp.{_host()}-{os.getpid()}."
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
-
-
-def remove_stale_temps(folder: Union[str, os.PathLike]) -> list[Path]:
-    """Delete the temporaries (files or folders named by :func:`temp_prefix`) in ``folder`` that a process
-    of this host left behind when it died (killed while writing); live writers' ones are kept."""
-    pattern = re.compile(rf"^\..+\.tmp\.{re.escape(_host())}-(\d+)\.")
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return []
-    removed = []
-    for e in entries:
-        m = pattern.match(e.name)
-        if m is None or _alive(int(m.group(1))):
-            continue
-        try:
-            if e.is_dir(follow_symlinks=False):
-                shutil.rmtree(e.path)
-            else:
-                os.unlink(e.path)
-        except OSError:
-            continue
-        removed.append(Path(e.path))
-    return removed
-
-
-@contextmanager
-def atomic_path(path: Union[str, os.PathLike], *, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
-
-    The temporary has a hidden name (:func:`temp_prefix`); a process killed while writing leaves only
-    that, and the next write into the same folder removes it (:func:`remove_stale_temps`).
-    """
-    path = Path(path)
-    if path.exists() and not force:
-        raise ExportError(f"{path} exists; pass force=True (CLI --force) to overwrite it")
-    if path.is_dir():
-        raise ExportError(f"{path} is a directory; give a file name")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise ExportError(f"{path}: folder {parent} does not exist; create it first")
-    remove_stale_temps(parent)
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.stem), suffix=path.suffix or ".tmp", dir=parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def patched_metadata(patched: PatchedClassifier, source: Optional[dict] = None, fmt: str = "") -> dict:

@@ -1,6 +1,6 @@
 """Table-1 reports: frames first, then every format is rendered from a frame.
 
-* :func:`summary_record` -- a :class:`~patchcsra.sweep.SweepResult` + run records -> ``summary.json`` dict.
+* :func:`summary_record` -- a :class:`~patchcsra.grid.SweepResult` + run records -> ``summary.json`` dict.
 * :func:`table_frame` -- summaries -> the Table-1 frame (one row per dataset x model), machine columns.
 * :func:`display_frame` -- the same rows with the paper's column groups, formatted for reading.
 * :func:`to_markdown`, :func:`to_latex` -- renderers of a display frame; :func:`rich_table` of a table frame.
@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence, Union
 
 import pandas as pd
 
+from ._io import atomic_dir, json_default
 from .errors import PatchCSRAError
-from .sweep import SweepResult
+from .grid import SweepResult
 
 __all__ = ["summary_record", "table_frame", "display_frame", "to_markdown", "to_latex", "rich_table",
            "plot_curve", "write_run", "write_table", "read_run", "merge_runs", "RUN_FILES", "TABLE_COLUMNS"]
@@ -197,57 +195,6 @@ def plot_curve(frame: pd.DataFrame, summary: dict, path: Union[str, Path]) -> No
     fig.savefig(path)
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    at_fdcwd, rename_exchange = -100, 2
-    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
-
-
-def _atomic_dir(out: Path, force: bool, fill) -> Path:
-    """Create ``out`` by filling a temporary sibling and renaming it into place.
-
-    An existing ``out`` is swapped with the filled sibling in one atomic step where the system allows it,
-    so a process killed at any point leaves either the old complete directory or the new one. Elsewhere
-    the old one is first moved aside to ``.<name>.old`` (and restored from there by the next call if the
-    process died in between). A killed write leaves only its hidden temporary, which the next call removes.
-    """
-    old = out.with_name(f".{out.name}.old")
-    if not out.exists() and old.is_dir():  # a run killed between the two renames below: bring it back
-        os.replace(old, out)
-    if out.exists() and not force:
-        raise PatchCSRAError(f"{out} exists; pass --force to overwrite it (or choose another --out)")
-    from .export import remove_stale_temps, temp_prefix
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out.parent)  # what a killed earlier write left
-    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out.name), dir=out.parent))
-    try:
-        fill(tmp)
-        os.chmod(tmp, 0o777 & ~_umask())
-        if out.is_dir() and _exchange(tmp, out):
-            shutil.rmtree(tmp, ignore_errors=True)  # now the old directory
-        elif out.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
 def write_table(table: pd.DataFrame, out_dir: Union[str, Path], *, force: bool = False) -> Path:
     """A merged Table 1 as ``table.csv`` (machine columns), ``table.md`` and ``table.tex``."""
     def fill(tmp: Path) -> None:
@@ -256,7 +203,7 @@ def write_table(table: pd.DataFrame, out_dir: Union[str, Path], *, force: bool =
         (tmp / "table.md").write_text(to_markdown(disp))
         (tmp / "table.tex").write_text(to_latex(disp))
 
-    return _atomic_dir(Path(out_dir), force, fill)
+    return atomic_dir(out_dir, fill, force=force)
 
 
 def write_run(result: SweepResult, out_dir: Union[str, Path], summary: dict, *, force: bool = False) -> Path:
@@ -268,27 +215,13 @@ def write_run(result: SweepResult, out_dir: Union[str, Path], summary: dict, *, 
     def fill(tmp: Path) -> None:
         result.frame.to_csv(tmp / "results.csv", index=False, float_format="%.6f")
         result.per_class.to_csv(tmp / "per_class.csv", index=False, float_format="%.6f")
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=1, default=_json_default) + "\n")
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=1, default=json_default) + "\n")
         disp = display_frame(table_frame([summary]))
         (tmp / "table.md").write_text(to_markdown(disp))
         (tmp / "table.tex").write_text(to_latex(disp))
         plot_curve(result.frame, summary, tmp / "curve.png")
 
-    return _atomic_dir(Path(out_dir), force, fill)
-
-
-def _umask() -> int:
-    m = os.umask(0)
-    os.umask(m)
-    return m
-
-
-def _json_default(o: Any) -> Any:
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    if hasattr(o, "item"):
-        return o.item()
-    return str(o)
+    return atomic_dir(out_dir, fill, force=force)
 
 
 def read_run(run_dir: Union[str, Path]) -> dict:

@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +24,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ._io import torch_save, write_bytes
+from .runtime import OOM_ERRORS, default_workers, resolve_amp, resolve_device
 from .errors import DatasetError, PatchCSRAError
 from .patcher import PatchedClassifier, check_temperature, residual_attention
 
-__all__ = ["Stats", "collect", "model_fingerprint", "DEFAULT_TEMPERATURES", "resolve_device", "resolve_amp",
-           "default_workers", "STATS_VERSION"]
+__all__ = ["Stats", "collect", "model_fingerprint", "DEFAULT_TEMPERATURES", "STATS_VERSION"]
 
 _logger = logging.getLogger(__name__)
 
@@ -38,11 +38,8 @@ STATS_VERSION = 1
 DEFAULT_TEMPERATURES: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, math.inf)
 #: stats elements (N x C x nT) up to which DEFAULT_TEMPERATURES are collected besides the requested ones.
 EXTRA_T_BUDGET = 2 ** 27
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 
 Progress = Callable[[int, int], None]
-#: what a device out of memory raises (``torch.cuda.OutOfMemoryError`` is the same class); nothing else is retried.
-_OOM_ERRORS = (getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError,)
 
 
 @dataclass
@@ -132,36 +129,6 @@ def _fmt_ts(ts: Sequence[float]) -> str:
     return ",".join("inf" if math.isinf(t) else f"{t:g}" for t in ts)
 
 
-# ----------------------------------------------------------------------------- machine
-def resolve_device(device: Optional[str]) -> torch.device:
-    """``None``/``auto``: CUDA when present, else CPU."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        d = torch.device(device)
-    except RuntimeError:
-        raise PatchCSRAError(f"device={device!r}: give cpu, cuda, cuda:N or auto") from None
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise PatchCSRAError(f"device={device!r}: CUDA is not available here; use --device cpu")
-    return d
-
-
-def resolve_amp(amp: Optional[str], device: torch.device) -> Optional[torch.dtype]:
-    """``auto``: bf16 on CUDA, full precision on CPU; else ``bf16`` / ``fp16`` / ``none``."""
-    a = "auto" if amp is None else str(amp).lower()
-    if a == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    if a not in AMP_DTYPES:
-        raise PatchCSRAError(f"amp={amp!r}: choose auto, bf16, fp16 or none")
-    return AMP_DTYPES[a]
-
-
-def default_workers() -> int:
-    """DataLoader workers: the machine's cores less one for the main process, at most 8."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(8, n - 1))
-
-
 # ----------------------------------------------------------------------------- cache
 class _Entry:
     """A cache entry: ``meta.json`` + ``part-<start>-<end>.pt`` files, each written atomically."""
@@ -177,7 +144,7 @@ class _Entry:
 
     def write_meta(self, meta: dict) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        _atomic_write_bytes(self.path / "meta.json", json.dumps(meta, indent=1, default=str).encode())
+        write_bytes(self.path / "meta.json", json.dumps(meta, indent=1, default=str).encode())
 
     def parts(self) -> list[tuple[int, int, Path]]:
         out = []
@@ -199,11 +166,8 @@ class _Entry:
         return n
 
     def save_part(self, start: int, part: dict[str, Tensor]) -> None:
-        from .export import atomic_path
-
         end = start + int(part["base"].shape[0])
-        with atomic_path(self.path / f"part-{start:09d}-{end:09d}.pt", force=True) as tmp:
-            torch.save(part, tmp)
+        torch_save(part, self.path / f"part-{start:09d}-{end:09d}.pt")
 
     def load_into(self, out: dict[str, Tensor]) -> int:
         """Copy the contiguous stored parts into ``out``'s rows (preallocated, ``N`` rows); returns rows filled."""
@@ -234,13 +198,6 @@ def _row_shapes(c: int, n_t: int) -> dict[str, tuple[tuple[int, ...], torch.dtyp
 def _alloc(n: int, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, Tensor]:
     """Zeroed ``(n, *shape)`` tensors, one per key: the stats are written in place, never concatenated."""
     return {k: torch.zeros((n,) + shape, dtype=dtype) for k, (shape, dtype) in shapes.items()}
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    from .export import atomic_path
-
-    with atomic_path(path, force=True) as tmp:
-        tmp.write_bytes(data)
 
 
 def _find_entry(root: Path, key: str, temps: Sequence[float]) -> Optional[_Entry]:
@@ -488,7 +445,7 @@ def _run(patched: PatchedClassifier, dataset, rows: list[int], temps: list[float
                 failed = False
                 try:
                     forward(x[pos:pos + m], slice(done + pos, done + pos + m))
-                except _OOM_ERRORS:
+                except OOM_ERRORS:
                     failed = True  # handled outside the except block, so the failed chunk's tensors are freed
                 if not failed:
                     pos += m

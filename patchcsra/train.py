@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from . import dist
 from . import metrics as M
+from ._io import atomic_path, torch_save, write_text
 from .csra import HEAD_KINDS, HeadedClassifier, attach_head
 from .errors import PatchCSRAError
 
@@ -140,13 +141,6 @@ def _metric(scores: np.ndarray, targets: np.ndarray, single_label: bool) -> floa
     return float(M.mean_average_precision(scores, targets)[0])
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    from .export import atomic_path
-
-    with atomic_path(path, force=True) as tmp:
-        torch.save(obj, tmp)
-
-
 # ----------------------------------------------------------------------------- data
 def _train_transform(spec) -> Callable:
     """Random resized crop + horizontal flip at the model's input size, then the model's normalisation."""
@@ -193,7 +187,7 @@ def _cached_features(model: HeadedClassifier, dataset, out: Path, key: str, batc
         for r, fr, okr in parts:  # type: ignore[union-attr]
             idx = torch.as_tensor(r, dtype=torch.long)
             feats[idx], oks[idx] = fr, okr
-        _atomic_save({"key": key, "features": feats, "ok": oks}, path)
+        torch_save({"key": key, "features": feats, "ok": oks}, path)
     dist.barrier()
     if not dist.is_main():
         blob = torch.load(path, weights_only=True)
@@ -229,7 +223,7 @@ def train_head(model: nn.Module, dataset, out_dir: Union[str, Path], *, config: 
         :class:`TrainResult` with the best epoch's model (chosen on the carved validation part).
     """
     from .data import resolve_transform
-    from .stats import default_workers, resolve_device
+    from .runtime import default_workers, resolve_device
 
     cfg = config.check()
     out = Path(out_dir)
@@ -359,7 +353,7 @@ def train_head(model: nn.Module, dataset, out_dir: Union[str, Path], *, config: 
         if val > best["metric"]:
             best = {"epoch": epoch + 1, "metric": val, "state": copy.deepcopy(trainable.state_dict())}
         if dist.is_main():
-            _atomic_save({"key": key, "epoch": epoch + 1, "trainable": trainable.state_dict(),
+            torch_save({"key": key, "epoch": epoch + 1, "trainable": trainable.state_dict(),
                           "optimizer": opt.state_dict(), "history": history, "best": best}, ckpt_path)
             _write_history(out, history, metric_name)
         if progress is not None and dist.is_main():
@@ -400,8 +394,6 @@ def _validate(headed: HeadedClassifier, dataset, rows: np.ndarray, feats: Option
 def _write_history(out: Path, history: list[dict], metric: str) -> None:
     from matplotlib.figure import Figure
 
-    from .export import atomic_path
-
     frame = pd.DataFrame(history)
     with atomic_path(out / "history.csv", force=True) as tmp:
         frame.to_csv(tmp, index=False)
@@ -421,10 +413,9 @@ def _write_history(out: Path, history: list[dict], metric: str) -> None:
 
 
 def _write_model(result: TrainResult, out: Path, spec) -> None:
-    from .export import atomic_path, save_module
+    from .export import save_module
 
     meta = {"kind": "trained-head", "head": result.model.head_info, "transform": spec.as_dict(),
             "train": {k: v for k, v in result.summary.items() if k not in ("transform", "head")}}
     save_module(result.model, out / "model.pt", meta, spec.input_size, fmt="torchscript", force=True)
-    with atomic_path(out / "summary.json", force=True) as tmp:
-        tmp.write_text(json.dumps(result.summary, indent=1, default=str) + "\n")
+    write_text(out / "summary.json", json.dumps(result.summary, indent=1, default=str) + "\n")

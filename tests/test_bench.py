@@ -112,8 +112,16 @@ def test_cli_bench_runs_a_tiny_suite_and_gates(tmp_path):
     assert missing.exit_code == 2 and "does not exist" in missing.output
 
 
+def _full(record: dict) -> dict:
+    """``record`` with every field the result table prints (λ, T and Δ of each choice)."""
+    sc = record["cases"]["a"]["scores"]["mAP"]
+    for k in ("fixed", "oracle", "cv"):
+        sc.update({f"{k}_lam": 0.2, f"{k}_T": "inf", f"{k}_delta": sc[k] - sc["baseline"], f"{k}_ci": [0.0, 1.0]})
+    return record
+
+
 def test_check_failure_names_the_environment_that_moved(tmp_path):
-    got, exp = _record(base=80.0), _record(base=81.0)
+    got, exp = _full(_record(base=80.0)), _full(_record(base=81.0))
     got["environment"] = {"torch": "2.14.1", "packages": {"pillow": "13.0.0", "numpy": "2.4.6"},
                           "kernels": {"onednn_isa": "avx512_core"}, "command": "patchcsra bench x"}
     exp["environment"] = {"torch": "2.14.1", "packages": {"pillow": "12.0.0", "numpy": "2.4.6"},

@@ -52,7 +52,7 @@ def test_patch_writes_a_plain_pytorch_model(r20_file, tmp_path, suffix):
         assert allclose_logits(torch.load(tmp_path / "y.pt"), ref(x), rel=1e-4)
         assert allclose_logits(torch.load(tmp_path / "y0.pt"), model(x))
     back = patchcsra.load(out, trust=True)  # patchcsra reads its own record back
-    assert isinstance(back, patchcsra.PatchedArchive)
+    assert isinstance(back, patchcsra.sources.PatchedArchive)
     meta = back.patchcsra_meta
     assert meta["lam"] == 0.25 and meta["head"]["kind"] == "avg+Linear"
     assert meta["source"]["spec"] == str(src) and meta["source"]["arch"] == "custom_nets:resnet20"

@@ -21,7 +21,7 @@ from patchcsra.cli import app
 from patchcsra.data import open_dataset, resolve_transform
 from patchcsra.errors import DatasetError, PatchCSRAError
 from patchcsra.stats import Stats, collect
-from patchcsra.sweep import DEFAULT_LAMS, evaluate_grid, sweep
+from patchcsra.grid import DEFAULT_LAMS, evaluate_grid, sweep
 
 from conftest import shared_path
 

@@ -19,7 +19,8 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
 ARCH = f"{REPO / 'benchmarks' / 'cifar_resnet.py'}:resnet20"
-VOLATILE = {"seconds", "created", "cache", "out", "run_dir", "started", "finished", "wall_s"}
+VOLATILE = {"seconds", "created", "cache", "out", "run_dir", "started", "finished", "wall_s",
+            "command"}  # environment.command: the three command lines differ (--no-cache, --cache-dir) by design
 
 
 def _folder(root: Path) -> Path:

@@ -158,7 +158,7 @@ def sweep(stats: Stats, *, lams: Sequence[float] = DEFAULT_LAMS, temperatures: S
     Args:
         stats: from :func:`patchcsra.stats.collect`.
         lams, temperatures: the grid. ``fixed_lam`` (at T = inf, the paper's 4 lines) is added to it.
-        fixed_lam: the paper's fixed λ (:func:`patchcsra.default_lam` of the model).
+        fixed_lam: the paper's fixed λ (:func:`patchcsra.patcher.default_lam` of the model).
         metric: selection metric (default ``mAP``, or ``top1`` for single-label data).
         folds: k of the cross-validated λ choice (0 or 1 disables it).
         bootstrap: paired bootstrap resamples for the Δ intervals (0 disables them).
