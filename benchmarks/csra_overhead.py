@@ -5,7 +5,7 @@ Two measurements, each with every variant timed side by side (interleaved, minim
 * **head only** -- features of a ResNet-50-sized map, ``(B=64, d=2048, 14, 14)`` (448x448 input),
   ``C = 80`` classes: ``Linear(mean_k x_k)`` vs :class:`patchcsra.CSRAHead` with H=1 and H=8.
 * **whole model** -- timm ``resnet50`` (random init, C=80) at 224 (and ``--model-sizes``):
-  the model itself vs :func:`patchcsra.csra.attach_head` (same backbone + CSRA head H=1 / H=8).
+  the model itself vs :func:`patchcsra.training.attach_head` (same backbone + CSRA head H=1 / H=8).
 
 The paper (§4.3) reports +8% total test time for H=8 on MS-COCO (ResNet-101, 448x448, GPU);
 this prints the ratios measured here, no exit threshold. CPU always; CUDA too when available.
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     from torch import nn
 
     import patchcsra
-    from patchcsra.csra import CSRAHead, attach_head
+    from patchcsra.training import CSRAHead, attach_head
 
     logging.getLogger("patchcsra").setLevel(logging.ERROR)
     if a.threads:

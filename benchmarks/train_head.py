@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     import patchcsra
     from patchcsra.data import open_dataset, resolve_transform
     from patchcsra.runtime import default_workers
-    from patchcsra.train import TrainConfig, _loss, carve_validation
+    from patchcsra.training.loop import TrainConfig, _loss, carve_validation
 
     workers = default_workers() if a.workers is None else a.workers
     model = patchcsra.load(a.weights, arch=a.arch)

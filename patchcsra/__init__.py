@@ -21,8 +21,8 @@ from ._version import __version__
 _API = {
     "load": "sources", "patch": "patcher", "describe": "patcher", "residual_attention": "patcher",
     "save_patched": "export", "prepare": "api", "sweep_lambda": "api", "collect": "stats", "sweep": "grid",
-    "train_head": "train", "TrainConfig": "train", "attach_head": "csra", "CSRAHead": "csra",
-    "AttentionPoolHead": "csra",
+    "train_head": "training.loop", "TrainConfig": "training.loop", "attach_head": "training.attach",
+    "CSRAHead": "training.heads", "AttentionPoolHead": "training.heads",
     "PatchCSRAError": "errors", "SourceError": "errors", "TrustError": "errors", "HeadNotFoundError": "errors",
     "DatasetError": "errors",
 }
@@ -31,14 +31,14 @@ __all__ = ["__version__", *_API]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load lazily
     from .api import prepare, sweep_lambda
-    from .csra import AttentionPoolHead, CSRAHead, attach_head
+    from .training import AttentionPoolHead, CSRAHead, attach_head
     from .errors import DatasetError, HeadNotFoundError, PatchCSRAError, SourceError, TrustError
     from .export import save_patched
     from .grid import sweep
     from .patcher import describe, patch, residual_attention
     from .sources import load
     from .stats import collect
-    from .train import TrainConfig, train_head
+    from .training import TrainConfig, train_head
 
 
 def __getattr__(name: str) -> Any:

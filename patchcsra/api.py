@@ -75,11 +75,10 @@ class SweepRun:
 def _model_name(source: Union[str, nn.Module]) -> str:
     if isinstance(source, nn.Module):
         return type(source).__name__
-    s = os.fspath(source)
-    for prefix in ("timm:", "torchvision:"):
-        if s.startswith(prefix):
-            return s[len(prefix):]
-    return Path(s).name
+    from .sources import parse_spec
+
+    scheme, name = parse_spec(source)
+    return name if scheme is not None else Path(name).name
 
 
 def prepare(source: Union[str, os.PathLike, nn.Module], data: Union[str, os.PathLike, Any], *,

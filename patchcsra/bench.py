@@ -15,7 +15,7 @@ the file's folder; ``$VARS`` and ``~`` are expanded::
 
 Case kinds (:data:`CASE_KINDS`, a registry): ``demo`` (the embedded default, :func:`patchcsra.demo.run_demo`),
 ``sweep`` (a model on a dataset: one pass, then every metric's λ choices) and ``train-sweep`` (train a head
-with :func:`patchcsra.train.train_head` on a frozen backbone, then sweep). A ``.tar``/``.tar.gz`` ``data`` is
+with :func:`patchcsra.training.train_head` on a frozen backbone, then sweep). A ``.tar``/``.tar.gz`` ``data`` is
 extracted once into the work folder (tar's ``data`` filter: no links out, no absolute paths).
 
 Every case records, per metric, the baseline and the fixed / oracle / cross-validated patched scores with
@@ -40,7 +40,7 @@ import torch
 
 from .errors import PatchCSRAError
 from . import _io
-from .provenance import environment, environment_diff
+from .provenance import environment
 
 __all__ = ["CASE_KINDS", "BUILTIN_SUITES", "Suite", "load_suite", "run_suite", "check_results", "CheckRow",
            "register_case", "DEFAULT_TOLERANCE", "SCORE_FIELDS"]
@@ -61,8 +61,10 @@ BUILTIN_SUITES: dict[str, dict] = {
 
 
 def register_case(kind: str):
-    """Register ``fn(case, ctx) -> record`` as the runner of a case kind."""
+    """Register ``fn(case, ctx) -> record`` as the runner of a case kind (a name already taken raises)."""
     def deco(fn):
+        if kind in CASE_KINDS:
+            raise ValueError(f"bench case kind {kind!r} is already registered; choose another name")
         CASE_KINDS[kind] = fn
         return fn
     return deco
@@ -160,14 +162,14 @@ def _transform(case: dict) -> dict:
 
 
 def _load_model(case: dict, ctx: _Context):
-    from .sources import load
+    from .sources import load, parse_spec
 
     arch = case.get("arch")
     if arch and ":" in arch and arch.rsplit(":", 1)[0].endswith(".py"):
         file, factory = arch.rsplit(":", 1)
         arch = f"{ctx.suite.path(file)}:{factory}"
     src = case["source"]
-    spec = src if src.startswith(("timm:", "torchvision:")) else ctx.suite.path(src)
+    spec = src if parse_spec(src)[0] is not None else ctx.suite.path(src)
     return load(spec, arch=arch, pretrained=bool(case.get("pretrained", True)))
 
 
@@ -267,7 +269,7 @@ def _run_sweep_case(case: dict, ctx: _Context) -> dict:
 @register_case("train-sweep")
 def _run_train_sweep_case(case: dict, ctx: _Context) -> dict:
     from .data import open_dataset, resolve_transform
-    from .train import TrainConfig, train_head
+    from .training.loop import TrainConfig, train_head
 
     data = _data_path(case, ctx)
     model = _load_model(case, ctx)

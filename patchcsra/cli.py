@@ -447,7 +447,7 @@ def train_head_cmd(
     from .data import align_classes, model_label_ids, model_label_names, open_dataset, resolve_transform
     from .report import rich_table, table_frame
     from .sources import PatchedArchive
-    from .train import TrainConfig, train_head
+    from .training.loop import TrainConfig, train_head
 
     dist.init_from_env()
     try:
@@ -611,7 +611,9 @@ def bench(
                   "[green]ok[/]" if r.ok else "[bold red]FAIL[/]")
     _out.print(t)
     bad = [r for r in rows if not r.ok]
-    moved = B.environment_diff(expected.get("environment"), record.get("environment"))  # type: ignore[union-attr]
+    from .provenance import environment_diff
+
+    moved = environment_diff(expected.get("environment"), record.get("environment"))  # type: ignore[union-attr]
     if moved:
         (_err if bad else _out).print(
             f"{'[bold red]' if bad else ''}environment differs from {check}{'[/]' if bad else ''} (what can move a "

@@ -41,7 +41,7 @@ from .data.classes import normalize_class_name
 from .data.transforms import TransformSpec
 from .errors import PatchCSRAError
 from .heads.base import HeadInfo
-from .patcher import PatchedClassifier, check_temperature, residual_attention
+from .patcher import PatchedClassifier, attention_weights, check_temperature, residual_attention, temperature_json, temperature_text
 
 __all__ = ["ExplainResult", "location_grid", "explain", "render", "save_maps", "explain_to_dir",
            "PROB_KINDS"]
@@ -95,7 +95,7 @@ class ExplainResult:
         return {"image_id": self.image_id, "classes": list(self.classes), "names": list(self.names),
                 "logits": list(self.logits), "probs": list(self.probs), "base_logits": list(self.base_logits),
                 "prob_kind": self.prob_kind, "lam": self.lam,
-                "temperature": "inf" if math.isinf(self.temperature) else self.temperature,
+                "temperature": temperature_json(self.temperature),
                 "grid": list(self.grid), "image_size": [int(self.image.shape[0]), int(self.image.shape[1])]}
 
 
@@ -296,13 +296,6 @@ def _model_device_dtype(patched: nn.Module) -> tuple[torch.device, torch.dtype]:
     return (buf.device if isinstance(buf, Tensor) else torch.device("cpu")), torch.float32
 
 
-def _attention(scores: Tensor, temperature: float) -> Tensor:
-    """``(..., L)`` scores -> ``softmax(T * s)`` over L; a one-hot at the (first) argmax for ``T = inf``."""
-    if math.isinf(temperature):
-        return torch.zeros_like(scores).scatter_(-1, scores.argmax(dim=-1, keepdim=True), 1.0)
-    return torch.softmax(scores * temperature, dim=-1)
-
-
 # ----------------------------------------------------------------------------- explain
 def explain(patched: PatchedClassifier, images: Sequence[ImageLike], *, transform_spec: TransformSpec,
             classes: Optional[Sequence[Union[int, str]]] = None, top_k: int = 3, temperature: Optional[float] = 1.0,
@@ -369,10 +362,8 @@ def explain(patched: PatchedClassifier, images: Sequence[ImageLike], *, transfor
 
 def _forward(patched: PatchedClassifier, x: Tensor, temperature: float) -> dict[str, Tensor]:
     """Features, base logits ``(B, C)``, scores ``(B, C, L)`` and patched logits at ``temperature``."""
-    split = patched.split
-    f = split.forward_features(x)
-    base = split.forward_baseline(f).float()
-    s = split.forward_locations(f).float()
+    f, base, s = patched.forward_pass(x)
+    base, s = base.float(), s.float()
     logits = base + patched.lam * residual_attention(s, temperature)
     return {"features": f, "base": base, "scores": s, "logits": logits}
 
@@ -385,7 +376,7 @@ def _result(image_id: str, image: np.ndarray, out: dict[str, Tensor], j: int, ch
         torch.argsort(logits, descending=True, stable=True)[: min(int(top_k), logits.numel())].tolist()
     probs = torch.softmax(logits, dim=0) if kind == "softmax" else torch.sigmoid(logits)
     s = out["scores"][j][idx]                                     # (K, L)
-    att = _attention(s, temperature)
+    att = attention_weights(s, temperature)
     sel = torch.tensor(idx, dtype=torch.long)
     return ExplainResult(
         image_id=image_id, image=image, classes=[int(i) for i in idx],
@@ -439,7 +430,7 @@ def _figure(result: ExplainResult, alpha: float, cmap: str):
     fig = Figure(figsize=(3 * 3.2, k_count * 3.0), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(k_count, 3, squeeze=False)
-    t = "inf" if math.isinf(result.temperature) else f"{result.temperature:g}"
+    t = temperature_text(result.temperature)
     for k in range(k_count):
         ax0, ax1, ax2 = axes[k]
         ax0.imshow(result.image)

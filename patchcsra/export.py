@@ -11,7 +11,6 @@ existing file is only replaced with ``force=True``.
 from __future__ import annotations
 
 import json
-import math
 import os
 import warnings
 from pathlib import Path
@@ -23,7 +22,7 @@ from ._io import atomic_path
 from .errors import ExportError
 from .heads.base import allclose_logits, probe_input
 from .sources import META_FILE
-from .patcher import PatchedClassifier
+from .patcher import PatchedClassifier, temperature_json
 
 __all__ = ["save_patched", "save_module", "export_format", "patched_metadata"]
 
@@ -48,7 +47,7 @@ def patched_metadata(patched: PatchedClassifier, source: Optional[dict] = None, 
         "torch": torch.__version__,
         "format": fmt,
         "lam": patched.lam,
-        "temperature": "inf" if math.isinf(patched.temperature) else patched.temperature,
+        "temperature": temperature_json(patched.temperature),
         "formula": "logits = model(x) + lam * y_att(T), y_att(inf) = max_k head(x_k)",
         "source": dict(source or {}),
         "input_size": list(info.probe_input_size),

@@ -20,7 +20,7 @@ import torch
 
 from . import metrics as M
 from .errors import PatchCSRAError
-from .patcher import check_lam, check_temperature
+from .patcher import check_lam, check_temperature, temperature_json
 from .stats import Stats
 
 __all__ = ["DEFAULT_LAMS", "Choice", "SweepResult", "evaluate_grid", "sweep", "primary_metric", "check_finite"]
@@ -51,9 +51,9 @@ class Choice:
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["temperature"] = _t_json(self.temperature)
+        d["temperature"] = temperature_json(self.temperature)
         d["ci"] = list(self.ci)
-        d["per_fold"] = [[lam, _t_json(t)] for lam, t in self.per_fold]
+        d["per_fold"] = [[lam, temperature_json(t)] for lam, t in self.per_fold]
         return d
 
 
@@ -219,7 +219,7 @@ def sweep(stats: Stats, *, lams: Sequence[float] = DEFAULT_LAMS, temperatures: S
                                     "lam/temperature are the per-fold median / most chosen",
                                per_fold=per_fold)
     per_class = _per_class(stats, rows, oracle[0], oracle[1], fixed_lam)
-    settings = {"lams": lam_set, "temperatures": [_t_json(t) for t in temps], "fixed_lam": fixed_lam,
+    settings = {"lams": lam_set, "temperatures": [temperature_json(t) for t in temps], "fixed_lam": fixed_lam,
                 "metric": metric, "folds": int(folds), "bootstrap": int(bootstrap), "seed": int(seed),
                 "top_k": int(top_k), "threshold": 0.5}
     return SweepResult(frame=frame, metric=metric, baseline=baseline, choices=choices, stats=stats,
@@ -269,5 +269,3 @@ def _per_class(stats: Stats, rows: np.ndarray, lam: float, t: float, fixed_lam: 
     return pd.DataFrame(cols)
 
 
-def _t_json(t: float) -> Any:
-    return "inf" if math.isinf(t) else float(t)

@@ -19,8 +19,8 @@ from torch import Tensor, nn
 from .errors import PatchCSRAError
 from .heads import HeadInfo, HeadSplit, discover
 
-__all__ = ["residual_attention", "PatchedClassifier", "patch", "describe", "default_lam", "check_lam",
-           "check_temperature"]
+__all__ = ["residual_attention", "attention_weights", "PatchedClassifier", "patch", "describe", "default_lam",
+           "check_lam", "check_temperature", "check_temperatures", "temperature_text", "temperature_json"]
 
 
 def check_lam(lam: float, name: str = "lam") -> float:
@@ -45,8 +45,33 @@ def check_temperature(t: float, name: str = "temperature") -> float:
     return v
 
 
+def check_temperatures(ts: Sequence[float], name: str = "temperatures") -> tuple[float, ...]:
+    """A non-empty list of T > 0 (``inf`` allowed), checked once, as floats."""
+    out = tuple(check_temperature(t, name) for t in ts)
+    if not out:
+        raise PatchCSRAError(f"{name} is empty; give at least one T > 0 or 'inf'")
+    return out
+
+
+def temperature_text(t: float) -> str:
+    """``'inf'`` or ``f'{t:g}'``: how a temperature is written in messages, tables and file names."""
+    return "inf" if math.isinf(t) else f"{float(t):g}"
+
+
+def temperature_json(t: float) -> object:
+    """``'inf'`` (JSON has no infinity) or ``float(t)``: how a temperature is stored in records."""
+    return "inf" if math.isinf(t) else float(t)
+
+
+def attention_weights(scores: Tensor, temperature: float) -> Tensor:
+    """Eq. (2): ``softmax_k(T s_k)`` over the last axis ``(..., L)``; ``T = inf``: one-hot at the first argmax."""
+    if math.isinf(temperature):
+        return torch.zeros_like(scores).scatter_(-1, scores.argmax(dim=-1, keepdim=True), 1.0)
+    return torch.softmax(scores * temperature, dim=-1)
+
+
 def residual_attention(scores: Tensor, temperature: float = math.inf) -> Tensor:
-    """Class-specific attention over locations: ``(B, C, L)`` -> ``(B, C)``.
+    """Eq. (7), class-specific attention over locations: ``(..., L)`` -> ``(...)``, e.g. ``(B, C, L) -> (B, C)``.
 
     ``T = inf``: ``max_k s_k``; otherwise ``sum_k softmax_k(T * s_k) * s_k``.
     """
@@ -94,10 +119,15 @@ class PatchedClassifier(nn.Module):
         assert self.split.info is not None
         return self.split.info
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward_pass(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The one pass every use shares: images ``(B, 3, H, W)`` -> features (the split's layout),
+        the model's own logits ``(B, C)`` and the per-location scores ``(B, C, L)``."""
         f = self.split.forward_features(x)
-        base = self.split.forward_baseline(f)
-        att = residual_attention(self.split.forward_locations(f), self.temperature)
+        return f, self.split.forward_baseline(f), self.split.forward_locations(f)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _, base, s = self.forward_pass(x)
+        att = residual_attention(s, self.temperature)
         return base + self._lam.to(base.dtype) * att.to(base.dtype)
 
     def forward_scores(self, x: Tensor, temperatures: Sequence[float] = (math.inf,)) -> dict[str, Tensor]:
@@ -105,16 +135,14 @@ class PatchedClassifier(nn.Module):
 
         Returns ``{'base': (B, C), 'max': (B, C), 'att': (B, C, len(temperatures))}``.
         """
-        f = self.split.forward_features(x)
-        base = self.split.forward_baseline(f)
-        s = self.split.forward_locations(f)
+        _, base, s = self.forward_pass(x)
         att = torch.stack([residual_attention(s, float(t)) for t in temperatures], dim=-1)
         return {"base": base, "max": s.amax(dim=-1), "att": att}
 
     def extra_repr(self) -> str:
         i = self.split.info
         kind = f", head={i.kind}, adapter={i.adapter}" if i else ""
-        return f"lam={self.lam:g}, temperature={self.temperature:g}{kind}"
+        return f"lam={self.lam:g}, temperature={temperature_text(self.temperature)}{kind}"
 
 
 def patch(model: nn.Module, lam: Optional[float] = None, temperature: float = math.inf, *,

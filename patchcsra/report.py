@@ -19,6 +19,7 @@ from typing import Any, Sequence, Union
 import pandas as pd
 
 from ._io import atomic_dir, json_default
+from .patcher import temperature_text
 from .errors import PatchCSRAError
 from .grid import SweepResult
 
@@ -178,7 +179,7 @@ def plot_curve(frame: pd.DataFrame, summary: dict, path: Union[str, Path]) -> No
     ax = fig.subplots()
     for t, g in frame.groupby("temperature", sort=True):
         g = g.sort_values("lam")
-        ax.plot(g["lam"], g[metric], marker="o", ms=3, label=f"T={'∞' if math.isinf(t) else f'{t:g}'}")
+        ax.plot(g["lam"], g[metric], marker="o", ms=3, label=f"T={temperature_text(t).replace('inf', '∞')}")
     ax.axhline(summary["baseline"][metric], color="grey", ls="--", lw=1, label="baseline (λ=0)")
     for key, style in (("fixed", "s"), ("oracle", "*")):
         c = summary["choices"].get(key)

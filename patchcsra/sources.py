@@ -40,14 +40,14 @@ from torch import Tensor, nn
 from .errors import SourceError, TrustError
 from .heads.base import set_eval
 
-__all__ = ["load", "PatchedArchive", "TrainedArchive", "load_state_dict_file", "build_arch", "META_FILE"]
+__all__ = ["load", "parse_spec", "SCHEMES", "PatchedArchive", "TrainedArchive", "load_state_dict_file", "build_arch",
+           "META_FILE"]
 
 
 META_FILE = "patchcsra.json"
 STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".th", ".ckpt", ".tar", ".safetensors")
 _NESTED_KEYS = ("state_dict", "model", "model_state_dict", "net", "network", "module",
                 "state_dict_ema", "model_ema", "ema", "ema_state_dict")
-_PREFIXES = ("module.", "_orig_mod.")
 
 
 class _Archive(nn.Module):
@@ -113,10 +113,9 @@ def load(spec: Union[str, os.PathLike], *, pretrained: bool = True, weights: Opt
         **model_kwargs: passed to the model constructor (e.g. ``img_size=`` for timm ViTs).
     """
     s = os.fspath(spec)
-    if s.startswith("timm:"):
-        model = _load_timm(s[5:], pretrained, weights, num_classes, model_kwargs)
-    elif s.startswith("torchvision:"):
-        model = _load_torchvision(s[12:], pretrained, weights, num_classes, model_kwargs)
+    scheme, name = parse_spec(s)
+    if scheme is not None:
+        model = _LIBRARIES[scheme](name, pretrained, weights, num_classes, model_kwargs)
     else:
         model = _load_file(Path(s), arch=arch, trust=trust, num_classes=num_classes, model_kwargs=model_kwargs)
     if not isinstance(model, PatchedArchive):
@@ -130,6 +129,17 @@ def load(spec: Union[str, os.PathLike], *, pretrained: bool = True, weights: Opt
 
 
 # ----------------------------------------------------------------------------- names
+#: the library schemes of a model spec (``scheme:NAME``); anything else is a file or ``module:factory``
+SCHEMES = ("timm", "torchvision")
+
+
+def parse_spec(spec: Union[str, os.PathLike]) -> tuple[Optional[str], str]:
+    """``'timm:resnet50'`` -> ``('timm', 'resnet50')``; anything else -> ``(None, spec)`` (a path or an arch)."""
+    s = os.fspath(spec)
+    scheme, sep, name = s.partition(":")
+    return (scheme, name) if sep and scheme in SCHEMES else (None, s)
+
+
 def _close(name: str, choices: list[str]) -> str:
     close = difflib.get_close_matches(name, choices, n=5, cutoff=0.6)
     return f"; did you mean: {', '.join(close)}?" if close else ""
@@ -189,6 +199,10 @@ def _load_torchvision(name: str, pretrained: bool, weights: Optional[str], num_c
         model.patchcsra_source = {"categories": list(enum.meta.get("categories") or []),
                                   "weights": str(enum)}
     return model
+
+
+#: scheme -> ``loader(name, pretrained, weights, num_classes, model_kwargs)``
+_LIBRARIES = {"timm": _load_timm, "torchvision": _load_torchvision}
 
 
 def _tv_weights(name: str, weights: str):
@@ -376,17 +390,12 @@ def _extract_state_dict(obj: dict, path: Path) -> dict[str, Tensor]:
         if inner is None:
             break
         obj = inner
+    from timm.models import clean_state_dict  # DDP 'module.' / torch.compile '_orig_mod.' prefixes, either order
+
     sd = {str(k): v for k, v in obj.items() if isinstance(v, Tensor)}
     if not sd:
         raise SourceError(f"{path} holds no tensors under any of the keys {', '.join(_NESTED_KEYS)}")
-    changed = True
-    while changed:
-        changed = False
-        for p in _PREFIXES:
-            if all(k.startswith(p) for k in sd):
-                sd = {k[len(p):]: v for k, v in sd.items()}
-                changed = True
-    return {k: v.detach().to("cpu") for k, v in sd.items()}
+    return {k: v.detach().to("cpu") for k, v in clean_state_dict(sd).items()}
 
 
 def _import_module(mod_name: str, arch: str):
@@ -424,10 +433,9 @@ def build_arch(arch: str, num_classes: Optional[int] = None, model_kwargs: Optio
     """An untrained model from an architecture spec (``timm:``, ``torchvision:``, ``pkg.mod:factory``,
     ``path/to/file.py:factory``)."""
     kw = dict(model_kwargs or {})
-    if arch.startswith("timm:"):
-        return _load_timm(arch[5:], False, None, num_classes, kw)
-    if arch.startswith("torchvision:"):
-        return _load_torchvision(arch[12:], False, None, num_classes, kw)
+    scheme, name = parse_spec(arch)
+    if scheme is not None:
+        return _LIBRARIES[scheme](name, False, None, num_classes, kw)
     mod_name, sep, attr = arch.rpartition(":")
     if not sep or not mod_name or not attr:
         raise SourceError(f"arch={arch!r}: give 'timm:NAME', 'torchvision:NAME', 'package.module:factory' "

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ._io import torch_save, write_bytes
 from .runtime import OOM_ERRORS, default_workers, resolve_amp, resolve_device
 from .errors import DatasetError, PatchCSRAError
-from .patcher import PatchedClassifier, check_temperature, residual_attention
+from .patcher import PatchedClassifier, check_temperature, residual_attention, temperature_text
 
 __all__ = ["Stats", "collect", "model_fingerprint", "DEFAULT_TEMPERATURES", "STATS_VERSION"]
 
@@ -80,7 +80,8 @@ class Stats:
         for i, have in enumerate(self.temperatures):
             if have == t:
                 return self.att[..., i]
-        raise PatchCSRAError(f"temperature {t:g} was not collected (have {_fmt_ts(self.temperatures)})")
+        raise PatchCSRAError(f"temperature {t:g} was not collected "
+                             f"(have {','.join(temperature_text(t) for t in self.temperatures)})")
 
     def scores(self, lam: float, temperature: float = math.inf) -> Tensor:
         """``(N, C)`` patched logits ``base + lam * att(T)``."""
@@ -123,10 +124,6 @@ def model_fingerprint(model: nn.Module) -> str:
 
 def _digest(obj: object) -> str:
     return hashlib.blake2b(json.dumps(obj, sort_keys=True, default=str).encode(), digest_size=16).hexdigest()
-
-
-def _fmt_ts(ts: Sequence[float]) -> str:
-    return ",".join("inf" if math.isinf(t) else f"{t:g}" for t in ts)
 
 
 # ----------------------------------------------------------------------------- cache
@@ -419,9 +416,7 @@ def _run(patched: PatchedClassifier, dataset, rows: list[int], temps: list[float
         if cl and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            f = patched.split.forward_features(x)
-            base = patched.split.forward_baseline(f)
-            s = patched.split.forward_locations(f)
+            _, base, s = patched.forward_pass(x)
         base, s = base.float(), s.float()
         if not identity:
             base, s = base[:, idx], s[:, idx]

@@ -1,4 +1,4 @@
-"""Trainable CSRA / attention-pooling heads (patchcsra.csra).
+"""Trainable CSRA / attention-pooling heads (patchcsra.training).
 
 The CSRA head is checked against an independent re-derivation of the paper's eq. (2)-(13) in
 *feature* space (class-specific feature vectors, then the classifier), while the module computes
@@ -17,8 +17,9 @@ import torch
 import torchvision
 
 import patchcsra
-from patchcsra.csra import (TEMPERATURE_SETS, AttentionPoolHead, CSRAHead, HeadedClassifier, attach_head,
-                            linear_from_split, locations_to_map)
+from patchcsra.heads.base import locations_to_map
+from patchcsra.training import (TEMPERATURE_SETS, AttentionPoolHead, CSRAHead, HeadedClassifier, attach_head,
+                                linear_from_split)
 from patchcsra.errors import PatchCSRAError
 from patchcsra.heads import discover
 from patchcsra.metrics import mean_average_precision
@@ -350,7 +351,7 @@ def test_attach_head_linear_kind_is_the_model_and_patches_like_it():
 def test_attach_head_nonaffine_head_falls_back_to_random(caplog):
     # average pooling + fc_norm (LayerNorm) + Linear: no (W, b) to start from
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=64, global_pool="avg")
-    with caplog.at_level(logging.WARNING, logger="patchcsra.csra"):
+    with caplog.at_level(logging.WARNING, logger="patchcsra.training.attach"):
         hc = attach_head(model, "attention", input_size=(3, 64, 64), per_class_query=False)
     assert hc.init == "random" and "not affine" in caplog.text
     x = torch.randn(2, 3, 64, 64)
@@ -359,7 +360,7 @@ def test_attach_head_nonaffine_head_falls_back_to_random(caplog):
     with pytest.raises(PatchCSRAError, match="not affine"):
         linear_from_split(hc.split)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="patchcsra.csra"):
+    with caplog.at_level(logging.WARNING, logger="patchcsra.training.attach"):
         hr = HeadedClassifier(hc.split, CSRAHead(192, 5, 2))
     assert hr.init == "random" and not caplog.text and hr(x).shape == (2, 5)
 

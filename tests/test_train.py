@@ -16,7 +16,7 @@ import patchcsra
 from patchcsra.cli import app
 from patchcsra.data import open_dataset, resolve_transform
 from patchcsra.errors import PatchCSRAError
-from patchcsra.train import TrainConfig, carve_validation, lr_factor, masked_bce, train_head
+from patchcsra.training.loop import TrainConfig, carve_validation, lr_factor, masked_bce, train_head
 
 from conftest import HERE, shared_path
 from test_sweep import _folder, _tiny_model

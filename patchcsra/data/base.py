@@ -232,25 +232,25 @@ _FORMATS: dict[str, DatasetFormat] = {}
 
 def register_format(name: str, *, detect: Callable[[Path], bool], open: OpenFn,  # noqa: A002
                     priority: int = 100) -> DatasetFormat:
-    """Add (or replace) the reader ``name``; returns its :class:`DatasetFormat`."""
+    """Add the reader ``name``; returns its :class:`DatasetFormat`.
+
+    Raises:
+        ValueError: a reader of that name is registered already (names are unique, as in timm's registry).
+    """
+    if name in _FORMATS:
+        raise ValueError(f"dataset format {name!r} is already registered; choose another name")
     fmt = DatasetFormat(name=name, detect=detect, open=open, priority=int(priority))
     _FORMATS[name] = fmt
     return fmt
 
 
-def _ensure_builtin() -> None:
-    from . import coco, folder, manifest, voc  # noqa: F401  (registration side effect)
-
-
 def list_formats() -> list[str]:
     """Names of the registered readers, in the order auto-detection tries them."""
-    _ensure_builtin()
     return [f.name for f in sorted(_FORMATS.values(), key=lambda f: (f.priority, f.name))]
 
 
 def get_format(name: str) -> DatasetFormat:
     """The reader registered as ``name`` (case-insensitive)."""
-    _ensure_builtin()
     key = str(name).strip().lower()
     if key not in _FORMATS:
         raise DatasetError(f"format={name!r} is unknown; accepted formats: {', '.join(list_formats())}")
@@ -304,7 +304,6 @@ def open_dataset(path: Union[str, os.PathLike], format: Optional[str] = None,  #
 
 
 def _detect(p: Path) -> DatasetFormat:
-    _ensure_builtin()
     for fmt in sorted(_FORMATS.values(), key=lambda f: (f.priority, f.name)):
         try:
             if fmt.detect(p):

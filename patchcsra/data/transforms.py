@@ -213,10 +213,13 @@ def _from_model(model: nn.Module) -> tuple[Optional[dict], str]:
 
 
 def _torchvision_name(src: dict) -> Optional[tuple[str, Optional[str]]]:
+    from ..sources import parse_spec
+
     for key in ("spec", "arch"):
         v = src.get(key)
-        if isinstance(v, str) and v.startswith("torchvision:"):
-            return v[len("torchvision:"):], src.get("weights") if key == "spec" else None
+        scheme, name = parse_spec(v) if isinstance(v, str) else (None, "")
+        if scheme == "torchvision":
+            return name, src.get("weights") if key == "spec" else None
     return None
 
 

@@ -1,7 +1,7 @@
 """Head discovery: adapters that split a classifier into features and its pooling head."""
 from .base import (Adapter, HeadInfo, HeadSplit, default_input_size, discover, list_adapters,
                    register_adapter)
-from . import fx, timm, torchvision  # noqa: F401,E402  (adapters register on import)
+from . import fx, timm, torchvision, trained  # noqa: F401,E402  (the built-in adapters register on import)
 
 __all__ = ["Adapter", "HeadInfo", "HeadSplit", "discover", "list_adapters", "register_adapter",
            "default_input_size"]

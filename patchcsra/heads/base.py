@@ -9,7 +9,8 @@ A classifier is ``features -> pooling -> head``. A :class:`HeadSplit` exposes th
 * ``forward_single(v)``    ``(N, D)`` -> ``(N, C)``: the model's own head applied to a feature
   set that holds one location only (the residual principle, DESIGN.md section 1).
 
-From these, ``forward_locations(f)`` gives the per-location class scores ``(B, C, L)``.
+From these, ``forward_locations(f)`` gives the per-location class scores ``(B, C, L)``. Layout helpers:
+:func:`to_locations` / :func:`from_locations` (``(B, L, D)``), :func:`locations_to_map` (``(B, D, H, W)``).
 
 Adapters register themselves with :func:`register_adapter`; :func:`discover` walks them in
 priority order and keeps the first split that passes validation (outputs equal to the model's
@@ -19,17 +20,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import HeadNotFoundError
+from ..errors import HeadNotFoundError, PatchCSRAError
 
 __all__ = [
     "HeadInfo", "HeadSplit", "Adapter", "register_adapter", "list_adapters", "discover",
-    "to_locations", "from_locations", "set_eval", "probe_input", "default_input_size", "allclose_logits",
+    "to_locations", "from_locations", "locations_to_map", "token_grid", "LAYOUTS", "set_eval", "probe_input", "default_input_size", "allclose_logits",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -97,6 +99,61 @@ def from_locations(t: Tensor, like: Tensor, layout: str, prefix: Optional[Tensor
     raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
 
 
+def _square_side(n: int) -> Optional[int]:
+    r = math.isqrt(n)
+    return r if r * r == n else None
+
+
+
+def locations_to_map(f: Tensor, layout: str, num_prefix_tokens: int = 0,
+                     grid: Optional[tuple[int, int]] = None) -> Tensor:
+    """A split's features in its own layout -> a map ``(B, d, H, W)``.
+
+    Args:
+        f: ``(B, d, H, W)`` (NCHW), ``(B, H, W, d)`` (NHWC) or ``(B, P + L, d)`` (NLC).
+        layout: ``'NCHW'``, ``'NHWC'`` or ``'NLC'``.
+        num_prefix_tokens: P, the class/distillation/register tokens dropped (NLC only).
+        grid: ``(H, W)`` of the L tokens (NLC only; maps carry their own); ``None``: square.
+    """
+    if layout not in LAYOUTS:
+        raise PatchCSRAError(f"layout={layout!r} is unknown; give one of {', '.join(LAYOUTS)}")
+    want = 3 if layout == "NLC" else 4
+    if not isinstance(f, Tensor) or f.ndim != want:
+        shape = tuple(f.shape) if isinstance(f, Tensor) else type(f).__name__
+        raise PatchCSRAError(f"features of shape {shape} do not fit layout={layout!r}; expected a {want}-D tensor")
+    if layout == "NCHW":
+        return f
+    if layout == "NHWC":
+        return f.permute(0, 3, 1, 2)
+    t = to_locations(f, layout, int(num_prefix_tokens))                   # (B, L, d)
+    n = int(t.shape[1])
+    if grid is None:
+        side = _square_side(n)
+        if side is None:
+            raise PatchCSRAError(f"grid=None but the {n} tokens after {num_prefix_tokens} prefix token(s) are not "
+                                 "a square; pass grid=(H, W)")
+        grid = (side, side)
+    gh, gw = int(grid[0]), int(grid[1])
+    if gh * gw != n:
+        raise PatchCSRAError(f"grid={tuple(grid)} holds {gh * gw} locations but the features have {n} tokens "
+                             f"after {num_prefix_tokens} prefix token(s); pass the token grid (H, W)")
+    return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], gh, gw)
+
+
+
+def token_grid(n: int, height: int, width: int) -> Optional[tuple[int, int]]:
+    """The ``(h, w)`` with ``h * w == n`` closest to the image's aspect ratio (None: square)."""
+    if height == width:
+        return None
+    gh = max(1, round(math.sqrt(n * height / width)))
+    for cand in (gh, gh - 1, gh + 1):
+        if cand > 0 and n % cand == 0:
+            return cand, n // cand
+    return None
+
+
+
+
 class HeadSplit(nn.Module):
     """A classifier split into features, its own pooling head, and a single-location head.
 
@@ -155,6 +212,8 @@ def register_adapter(name: str, *, priority: int, matches: Callable[[nn.Module],
     """
 
     def deco(build: Callable[[nn.Module, Tensor], Iterable[HeadSplit]]):
+        if name in _ADAPTERS:
+            raise ValueError(f"adapter {name!r} is already registered; choose another name")
         _ADAPTERS[name] = Adapter(name, priority, matches, build)
         return build
 
@@ -162,9 +221,8 @@ def register_adapter(name: str, *, priority: int, matches: Callable[[nn.Module],
 
 
 def list_adapters() -> list[Adapter]:
-    """Registered adapters in the order discovery tries them."""
-    from . import fx, timm, torchvision  # noqa: F401  (registration side effect)
-
+    """Registered adapters in the order discovery tries them (the package face, :mod:`patchcsra.heads`,
+    imports the built-in ones; this registry knows none of them)."""
     return sorted(_ADAPTERS.values(), key=lambda a: (a.priority, a.name))
 
 

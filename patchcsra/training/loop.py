@@ -32,11 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import dist
-from . import metrics as M
-from ._io import atomic_path, torch_save, write_text
-from .csra import HEAD_KINDS, HeadedClassifier, attach_head
-from .errors import PatchCSRAError
+from .. import dist
+from .. import metrics as M
+from .._io import atomic_path, torch_save, write_text
+from ..errors import PatchCSRAError
+from ..patcher import temperature_json
+from .attach import HeadedClassifier, attach_head
+from .heads import HEAD_KINDS
 
 __all__ = ["TrainConfig", "TrainResult", "train_head", "carve_validation", "lr_factor", "masked_bce"]
 
@@ -88,7 +90,7 @@ class TrainConfig:
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         if self.temperatures is not None:
-            d["temperatures"] = ["inf" if math.isinf(t) else t for t in self.temperatures]
+            d["temperatures"] = [temperature_json(t) for t in self.temperatures]
         return d
 
 
@@ -222,8 +224,8 @@ def train_head(model: nn.Module, dataset, out_dir: Union[str, Path], *, config: 
     Returns:
         :class:`TrainResult` with the best epoch's model (chosen on the carved validation part).
     """
-    from .data import resolve_transform
-    from .runtime import default_workers, resolve_device
+    from ..data import resolve_transform
+    from ..runtime import default_workers, resolve_device
 
     cfg = config.check()
     out = Path(out_dir)
@@ -262,7 +264,7 @@ def train_head(model: nn.Module, dataset, out_dir: Union[str, Path], *, config: 
     feats = oks = None
     feat_seconds = 0.0
     if cfg.mode == "frozen":
-        from .stats import model_fingerprint
+        from ..stats import model_fingerprint
 
         feat_key = json.dumps({"data": dataset.fingerprint(), "transform": spec.as_dict(),
                                "model": model_fingerprint(headed.split)}, sort_keys=True)
@@ -413,7 +415,7 @@ def _write_history(out: Path, history: list[dict], metric: str) -> None:
 
 
 def _write_model(result: TrainResult, out: Path, spec) -> None:
-    from .export import save_module
+    from ..export import save_module
 
     meta = {"kind": "trained-head", "head": result.model.head_info, "transform": spec.as_dict(),
             "train": {k: v for k, v in result.summary.items() if k not in ("transform", "head")}}
