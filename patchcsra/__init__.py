@@ -29,7 +29,7 @@ _API = {
 
 __all__ = ["__version__", *_API]
 
-if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load lazily
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load lazily  # noqa: F401
     from .api import prepare, sweep_lambda
     from .training import AttentionPoolHead, CSRAHead, attach_head
     from .errors import DatasetError, HeadNotFoundError, PatchCSRAError, SourceError, TrustError

@@ -13,21 +13,21 @@ The steps are public too: :func:`patchcsra.load`, :func:`patchcsra.patch`,
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 from torch import nn
 
 from .errors import DatasetError, HeadNotFoundError, PatchCSRAError
+from .grid import SweepResult, sweep
+from .options import CollectOptions, ModelSource, SweepOptions, TransformOverrides, split_options
 from .patcher import PatchedClassifier, default_lam, patch
 from .stats import Stats, collect
-from .grid import DEFAULT_LAMS, SweepResult, sweep
 
-__all__ = ["sweep_lambda", "SweepRun", "prepare", "Prepared", "default_cache_dir"]
+__all__ = ["sweep_lambda", "SweepRun", "prepare", "Prepared", "train_and_evaluate", "TrainRun", "default_cache_dir"]
 
 _logger = logging.getLogger(__name__)
 
@@ -72,41 +72,44 @@ class SweepRun:
         return write_run(self.result, out_dir, self.summary, force=force)
 
 
-def _model_name(source: Union[str, nn.Module]) -> str:
+def _model_name(source: Union[str, os.PathLike, nn.Module, ModelSource]) -> str:
     if isinstance(source, nn.Module):
         return type(source).__name__
-    from .sources import parse_spec
-
-    scheme, name = parse_spec(source)
-    return name if scheme is not None else Path(name).name
+    return (source if isinstance(source, ModelSource) else ModelSource(source)).name
 
 
-def prepare(source: Union[str, os.PathLike, nn.Module], data: Union[str, os.PathLike, Any], *,
+def _load(source: Union[str, os.PathLike, nn.Module, ModelSource], load_kwargs: Optional[dict]) -> nn.Module:
+    if isinstance(source, nn.Module):
+        return source
+    if isinstance(source, ModelSource):
+        return source.load()
+    from .sources import load
+
+    return load(source, **(load_kwargs or {}))
+
+
+def prepare(source: Union[str, os.PathLike, nn.Module, ModelSource], data: Union[str, os.PathLike, Any], *,
             split: Optional[str] = None, data_format: Optional[str] = None, difficult: str = "ignore",
-            class_map: Optional[Union[str, Path, Mapping[str, int]]] = None, img_size: Optional[int] = None,
-            input_size: Optional[Sequence[int]] = None, crop_pct: Optional[float] = None,
-            interpolation: Optional[str] = None, mean: Optional[Sequence[float]] = None,
-            std: Optional[Sequence[float]] = None, fixed_lam: Optional[float] = None,
-            load_kwargs: Optional[dict] = None) -> Prepared:
+            class_map: Optional[Union[str, Path, Mapping[str, int]]] = None,
+            transform: Optional[TransformOverrides] = None, fixed_lam: Optional[float] = None,
+            load_kwargs: Optional[dict] = None, model_name: Optional[str] = None, **transform_kwargs: Any) -> Prepared:
     """Load and patch the model, open the dataset, resolve the transform and match the classes.
 
+    ``transform`` (a :class:`~patchcsra.options.TransformOverrides`) or its fields as keywords (``img_size=``,
+    ``input_size=``, ``crop_pct=``, ``interpolation=``, ``mean=``, ``std=``) override the model's preprocessing;
+    ``model_name`` is what tables call the model (default: the library name, file name or class).
     Everything that can be wrong with the input is found here, before any forward pass over the data.
     """
-    from .data import align_classes, model_label_ids, model_label_names, open_dataset, resolve_transform
-    from .sources import PatchedArchive, load
+    from .data import align_classes, model_label_ids, model_label_names, open_dataset
+    from .sources import PatchedArchive
 
-    model = source if isinstance(source, nn.Module) else load(source, **(load_kwargs or {}))
+    tf = split_options(transform_kwargs, transform=transform, allowed=(TransformOverrides,))[0]
+    model = _load(source, load_kwargs)
+    name = model_name or _model_name(source)
     if isinstance(model, (PatchedArchive, PatchedClassifier)) or getattr(model, "patchcsra_meta", None):
-        raise PatchCSRAError(f"{_model_name(source)} is already patched; sweep the original model "
-                             "(its λ is what the sweep chooses)")
-    if img_size is not None and input_size is None and hasattr(model, "set_input_size"):
-        try:  # timm ViTs & co: interpolate position embeddings to the new grid
-            model.set_input_size(img_size=(int(img_size), int(img_size)))
-        except Exception as e:  # noqa: BLE001
-            raise PatchCSRAError(f"img_size={img_size}: {type(model).__name__} cannot be resized "
-                                 f"({type(e).__name__}: {e})") from None
-    spec = resolve_transform(model, img_size=img_size, input_size=input_size, crop_pct=crop_pct,
-                             interpolation=interpolation, mean=mean, std=std)
+        raise PatchCSRAError(f"{name} is already patched; sweep the original model (its λ is what the sweep chooses)")
+    tf.apply_to(model)
+    spec = tf.resolve(model)
     dataset = data if not isinstance(data, (str, os.PathLike)) else open_dataset(
         data, format=data_format, split=split, difficult=difficult)
     if len(dataset) == 0:
@@ -114,49 +117,49 @@ def prepare(source: Union[str, os.PathLike, nn.Module], data: Union[str, os.Path
     try:
         patched = patch(model, lam=0.0, input_size=spec.input_size)
     except HeadNotFoundError as e:  # name the model the user gave (a file, timm:NAME ...), not only its class
-        name = _model_name(source)
         raise HeadNotFoundError(str(e) if str(e).startswith(name) else f"{name}: {e}") from None
     index = align_classes(dataset.classes, int(patched.info.num_classes), model_names=model_label_names(model),
                           model_ids=model_label_ids(model), class_map=class_map)
     dataset.transform = spec.build()
     lam = default_lam(model) if fixed_lam is None else float(fixed_lam)
-    return Prepared(model, patched, dataset, [int(i) for i in index], spec, _model_name(source), lam)
+    return Prepared(model, patched, dataset, [int(i) for i in index], spec, name, lam)
 
 
-def sweep_lambda(source: Union[str, os.PathLike, nn.Module], data: Union[str, os.PathLike, Any], *,
-                 split: Optional[str] = None, data_format: Optional[str] = None,
-                 lams: Sequence[float] = DEFAULT_LAMS, temperatures: Sequence[float] = (math.inf,),
-                 fixed_lam: Optional[float] = None, metric: Optional[str] = None, folds: int = 5,
-                 bootstrap: int = 1000, seed: int = 0, difficult: str = "ignore",
+def sweep_lambda(source: Union[str, os.PathLike, nn.Module, ModelSource], data: Union[str, os.PathLike, Any], *,
+                 split: Optional[str] = None, data_format: Optional[str] = None, difficult: str = "ignore",
                  class_map: Optional[Union[str, Path, Mapping[str, int]]] = None, skip_bad: bool = False,
-                 img_size: Optional[int] = None, input_size: Optional[Sequence[int]] = None,
-                 crop_pct: Optional[float] = None, interpolation: Optional[str] = None,
-                 mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
-                 batch_size: int = 32, device: Optional[str] = None, amp: Optional[str] = "auto",
-                 channels_last: Optional[bool] = None, workers: Optional[int] = None,
-                 cache_dir: Optional[Union[str, Path]] = None, load_kwargs: Optional[dict] = None,
-                 progress: Optional[Callable[[int, int], None]] = None) -> Optional[SweepRun]:
+                 grid: Optional[SweepOptions] = None, transform: Optional[TransformOverrides] = None,
+                 options: Optional[CollectOptions] = None, load_kwargs: Optional[dict] = None,
+                 model_name: Optional[str] = None, progress: Optional[Callable[[int, int], None]] = None,
+                 **option_kwargs: Any) -> Optional[SweepRun]:
     """Patch ``source``, collect scores over ``data`` in one pass, and sweep the λ/T grid.
 
     Under ``torchrun`` (after :func:`patchcsra.dist.init_from_env`) every rank collects its shard and
     rank 0 gets the result; the other ranks get ``None``.
 
     Args:
-        source: ``timm:NAME``, ``torchvision:NAME``, a checkpoint file, or an ``nn.Module``.
+        source: ``timm:NAME``, ``torchvision:NAME``, a checkpoint file, a :class:`~patchcsra.options.ModelSource`,
+            or an ``nn.Module``.
         data: a dataset path (VOC, COCO, ImageFolder, CSV/JSON manifest) or an ``ImageDataset``.
         split, data_format, difficult: passed to :func:`patchcsra.data.open_dataset`.
-        lams, temperatures: the grid; ``fixed_lam`` defaults to the paper's rule (:func:`default_lam`).
-        metric, folds, bootstrap, seed: see :func:`patchcsra.grid.sweep`.
         class_map: dataset class -> model output index (file or mapping) when names/counts differ.
         skip_bad: score without unreadable images instead of failing (they are counted and named).
-        img_size, input_size, crop_pct, interpolation, mean, std: transform overrides.
-        batch_size, device, amp, channels_last, workers, cache_dir: see :func:`patchcsra.stats.collect`.
+        grid: a :class:`~patchcsra.options.SweepOptions` (``lams``, ``temperatures``, ``fixed_lam`` -- default
+            the paper's rule, :func:`~patchcsra.patcher.default_lam` -- ``metric``, ``folds``, ``bootstrap``,
+            ``seed``; see :func:`patchcsra.sweep`).
+        transform: a :class:`~patchcsra.options.TransformOverrides` (``img_size``, ``input_size``, ``crop_pct``,
+            ``interpolation``, ``mean``, ``std``).
+        options: a :class:`~patchcsra.options.CollectOptions` (``batch_size``, ``device``, ``amp``,
+            ``channels_last``, ``workers``, ``cache_dir``, ``save_every``; see :func:`patchcsra.collect`).
         load_kwargs: passed to :func:`patchcsra.load` (``pretrained``, ``arch``, ``weights``, ``trust`` ...).
+        model_name: what tables call the model (default: the library name, file name or class).
         progress: ``progress(done, total)`` callback during the pass.
+        **option_kwargs: any field of the three option classes, e.g. ``lams=[0, 0.1]``, ``img_size=448``,
+            ``workers=0``: merged into them once, here.
     """
+    tf, opts, so = split_options(option_kwargs, transform=transform, collect=options, sweep=grid)
     prep = prepare(source, data, split=split, data_format=data_format, difficult=difficult, class_map=class_map,
-                   img_size=img_size, input_size=input_size, crop_pct=crop_pct, interpolation=interpolation,
-                   mean=mean, std=std, fixed_lam=fixed_lam, load_kwargs=load_kwargs)
+                   transform=tf, fixed_lam=so.fixed_lam, load_kwargs=load_kwargs, model_name=model_name)
     ds = prep.dataset
     where = dict(zip(ds.ids, ds.files))  # id -> file, to name images in messages
     missing = ds.missing_files()
@@ -165,9 +168,8 @@ def sweep_lambda(source: Union[str, os.PathLike, nn.Module], data: Union[str, os
                            f"{', '.join(str(where[i]) for i in missing[:5])}); restore them or pass --skip-bad "
                            "to score without them")
     t0 = time.perf_counter()
-    stats = collect(prep.patched, ds, temperatures=temperatures, class_index=prep.class_index,
-                    batch_size=batch_size, device=device, amp=amp, channels_last=channels_last, workers=workers,
-                    cache_dir=cache_dir, fingerprint={"transform": prep.transform.as_dict()}, progress=progress)
+    stats = collect(prep.patched, ds, temperatures=so.temperatures, class_index=prep.class_index, options=opts,
+                    fingerprint={"transform": prep.transform.as_dict()}, progress=progress)
     seconds = time.perf_counter() - t0
     if stats is None:  # a non-main torchrun rank: rank 0 has the gathered stats and writes the run
         return None
@@ -175,28 +177,111 @@ def sweep_lambda(source: Union[str, os.PathLike, nn.Module], data: Union[str, os
     if bad and not skip_bad:
         raise DatasetError(f"{len(bad)} image(s) of {ds.name} could not be read (e.g. "
                            f"{', '.join(str(where.get(i, i)) for i in bad[:5])}); fix them or pass --skip-bad to "
-                           f"score without them{' (the pass is cached)' if cache_dir is not None else ''}")
+                           f"score without them{' (the pass is cached)' if opts.cache_dir is not None else ''}")
     if bad:
         _logger.warning("skipping %d unreadable image(s): %s", len(bad), ", ".join(bad[:10]))
-    result = sweep(stats, lams=lams, temperatures=temperatures, fixed_lam=prep.fixed_lam, metric=metric,
-                   folds=folds, bootstrap=bootstrap, seed=seed, model=prep.model_name)
+    result = sweep(stats, **{**so.as_kwargs(), "fixed_lam": prep.fixed_lam}, model=prep.model_name)
+    return SweepRun(result, _summary(result, prep, source, ds, difficult, opts, stats, seconds))
+
+
+def _summary(result: SweepResult, prep: Prepared, source, ds, difficult: str, opts: CollectOptions, stats: Stats,
+             seconds: float) -> dict:
+    """The run's ``summary.json`` record."""
     from ._version import __version__
     from .provenance import environment
     from .report import summary_record
 
     info = prep.patched.info
-    summary = summary_record(
+    src = None if isinstance(source, nn.Module) else os.fspath(source.spec if isinstance(source, ModelSource)
+                                                               else source)
+    return summary_record(
         result,
-        model={"name": prep.model_name, "source": None if isinstance(source, nn.Module) else os.fspath(source),
-               "class": info.model_class, "head": info.as_dict(), "class_index": prep.class_index},
+        model={"name": prep.model_name, "source": src, "class": info.model_class, "head": info.as_dict(),
+               "class_index": prep.class_index},
         dataset={"name": ds.name, "format": ds.format, "root": str(ds.root), "split": ds.split,
-                 "fingerprint": ds.fingerprint(), "single_label": bool(ds.single_label),
-                 "difficult": difficult},
+                 "fingerprint": ds.fingerprint(), "single_label": bool(ds.single_label), "difficult": difficult},
         transform=prep.transform.as_dict(),
-        collect={"batch_size": batch_size, **stats.meta, "seconds": round(seconds, 3),  # meta: after OOM retries
+        collect={"batch_size": opts.batch_size, **stats.meta, "seconds": round(seconds, 3),  # meta: after OOM retries
                  "images_per_s": round(stats.meta.get("forward_images", 0) / seconds, 2) if seconds > 0 else None},
         patchcsra_version=__version__,
         environment=environment(),
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
-    return SweepRun(result, summary)
+
+
+# ----------------------------------------------------------------------------- train a head, then evaluate it
+@dataclass
+class TrainRun:
+    """A trained head (:class:`~patchcsra.training.loop.TrainResult`) and, with ``eval_split``, its Table-1 run."""
+
+    train: Any
+    evaluated: Optional[SweepRun] = None
+
+
+def train_and_evaluate(source: Union[str, os.PathLike, nn.Module, ModelSource], data: Union[str, os.PathLike],
+                       out_dir: Union[str, Path], *, split: Optional[str] = "train", eval_split: Optional[str] = None,
+                       data_format: Optional[str] = None, difficult: str = "ignore",
+                       class_map: Optional[Union[str, Path, Mapping[str, int]]] = None, config: Any = None,
+                       transform: Optional[TransformOverrides] = None, resume: bool = False, force: bool = False,
+                       device: Optional[str] = None, workers: Optional[int] = None,
+                       progress: Optional[Callable[[dict], None]] = None) -> TrainRun:
+    """What ``patchcsra train-head`` does: train a head on ``split``, then (``eval_split``) sweep it.
+
+    The dataset's classes are matched to the model's outputs where they can be (names, count or
+    ``class_map``): the head then starts from those rows of the pretrained classifier. Another label set
+    (no match and no ``class_map``) gets a fresh head with one output per dataset class. The evaluation is
+    a Table-1 run in ``out_dir/eval`` (on rank 0 under torchrun).
+
+    Args:
+        source: ``timm:NAME``, ``torchvision:NAME``, a file, a :class:`~patchcsra.options.ModelSource` or a module.
+        config: a :class:`~patchcsra.training.TrainConfig` (default: the paper's recipe, CSRA H=1).
+        transform: preprocessing overrides (:class:`~patchcsra.options.TransformOverrides`).
+        resume, force, device, workers, progress: see :func:`patchcsra.train_head`.
+    """
+    from . import dist
+    from .data import open_dataset
+    from .sources import PatchedArchive
+    from .training.loop import TrainConfig, train_head
+
+    cfg = (config or TrainConfig()).check()
+    tf = transform or TransformOverrides()
+    ds = open_dataset(data, format=data_format, split=split, difficult=difficult)
+    model = _load(source, None)
+    if isinstance(model, PatchedArchive):
+        raise PatchCSRAError(f"{_model_name(source)} is a patched file; train on the original model")
+    tf.apply_to(model)
+    spec = tf.resolve(model)
+    spec_name = None if isinstance(source, nn.Module) else os.fspath(
+        source.spec if isinstance(source, ModelSource) else source)
+    result = train_head(model, ds, out_dir, config=cfg, transform=spec, resume=resume, force=force, device=device,
+                        workers=workers, source=spec_name, class_index=_class_index(model, ds, spec, class_map),
+                        progress=progress)
+    evaluated = None
+    if eval_split is not None:
+        name = f"{_model_name(source)} + {cfg.kind}" + (f" H={cfg.heads}" if cfg.kind == "csra" else "")
+        evaluated = sweep_lambda(result.model, data, split=eval_split, data_format=data_format, difficult=difficult,
+                                 workers=workers, device=device, cache_dir=None, bootstrap=1000, model_name=name)
+        if evaluated is not None and dist.is_main():
+            evaluated.write(Path(out_dir) / "eval", force=True)
+    return TrainRun(result, evaluated)
+
+
+def _class_index(model: nn.Module, ds, spec, class_map) -> Optional[list[int]]:
+    """Model output per dataset class where the two match; None for another label set (a fresh head)."""
+    from .data import align_classes, model_label_ids, model_label_names
+    from .errors import DataMismatchError
+    from .patcher import describe
+
+    n_out = describe(model, input_size=spec.input_size).num_classes
+    names = model_label_names(model)
+    if class_map is None and len(ds.classes) != n_out and not names:
+        return None
+    try:
+        return align_classes(ds.classes, n_out, model_names=names, model_ids=model_label_ids(model),
+                             class_map=class_map).tolist()
+    except DataMismatchError:
+        if class_map is not None:
+            raise
+        _logger.info("the dataset's %d classes match no outputs of the model: the head starts fresh",
+                     len(ds.classes))
+        return None

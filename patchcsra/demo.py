@@ -265,8 +265,8 @@ def run_demo(out_dir: Union[str, Path], *, n_train: int = RECIPE["n_train"], n_t
     run = sweep_lambda(model, manifest, input_size=(3, tr_x.shape[1], tr_x.shape[2]), mean=_MEAN, std=_STD,
                        crop_pct=1.0, workers=workers, device="cpu", amp="none", cache_dir=None,
                        temperatures=(1.0, 2.0, 4.0, math.inf), bootstrap=1000, fixed_lam=0.2,
+                       model_name="DigitNet (GAP + Linear)",
                        progress=(lambda d, t: progress("collecting", d, t)) if progress is not None else None)
-    run.summary["model"]["name"] = "DigitNet (GAP + Linear)"
     run.summary["model"]["weights"] = weights
     run.summary["dataset"]["name"] = "sklearn-digits canvases (test)"
     run.write(out / "run", force=force)

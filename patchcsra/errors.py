@@ -5,12 +5,22 @@ what to do instead. The CLI prints ``str(err)`` and exits non-zero; the Python A
 """
 from __future__ import annotations
 
+from typing import Optional
+
 __all__ = ["PatchCSRAError", "SourceError", "TrustError", "HeadNotFoundError", "OutputError", "ExportError",
            "DatasetError", "DataMismatchError"]
 
 
 class PatchCSRAError(ValueError):
-    """Base class of every error patchcsra raises on bad input."""
+    """Base class of every error patchcsra raises on bad input.
+
+    ``param``: the argument the message is about (``lams``, ``img_size`` ...), when there is one; the message
+    then starts with ``param=``, and the CLI shows its flag there instead (``--lams``).
+    """
+
+    def __init__(self, message: str = "", *, param: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class SourceError(PatchCSRAError):

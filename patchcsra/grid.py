@@ -20,16 +20,14 @@ import torch
 
 from . import metrics as M
 from .errors import PatchCSRAError
-from .patcher import check_lam, check_temperature, temperature_json
+from .options import DEFAULT_LAMS, SweepOptions, split_options
+from .patcher import temperature_json
 from .stats import Stats
 
 __all__ = ["DEFAULT_LAMS", "Choice", "SweepResult", "evaluate_grid", "sweep", "primary_metric", "check_finite"]
 
 _logger = logging.getLogger(__name__)
 
-#: 21 points; the paper's values (0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.4, 0.8) are all on it.
-DEFAULT_LAMS: tuple[float, ...] = (0.0, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35,
-                                   0.4, 0.45, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 SINGLE_LABEL_METRICS = ("top1", "top5", "mAP")  # mAP: one-vs-rest over the one-hot targets
 
 
@@ -110,13 +108,9 @@ def _primary(stats: Stats, metric: str, top_k: int) -> Callable[[torch.Tensor, n
 
 
 def _grid(lams: Sequence[float], temperatures: Sequence[float]) -> list[tuple[float, float]]:
-    ls = sorted({check_lam(v, "lams") for v in lams})
-    ts = sorted({check_temperature(t, "temperatures") for t in temperatures}, key=lambda t: (math.isinf(t), t))
-    if not ls:
-        raise PatchCSRAError("lams is empty; give at least one λ, e.g. 0,0.1,0.2")
-    if not ts:
-        raise PatchCSRAError("temperatures is empty; give at least one T, e.g. inf")
-    return [(lam, t) for t in ts for lam in ls]
+    """Every ``(λ, T)`` of checked values: λ ascending within each T, T ascending with ``inf`` last."""
+    ts = sorted(set(temperatures), key=lambda t: (math.isinf(t), t))
+    return [(lam, t) for t in ts for lam in sorted(set(lams))]
 
 
 def evaluate_grid(stats: Stats, lams: Sequence[float] = DEFAULT_LAMS, temperatures: Sequence[float] = (math.inf,),
@@ -129,10 +123,14 @@ def evaluate_grid(stats: Stats, lams: Sequence[float] = DEFAULT_LAMS, temperatur
         top_k: k of the CP/CR/.../OF1 top-k columns (multi-label data).
         rows: optional ``(N,)`` bool mask of images to score (default: all readable images).
     """
+    opts = SweepOptions(lams=tuple(lams), temperatures=tuple(temperatures))  # checked here, once
+    return _evaluate(stats, _grid(opts.lams, opts.temperatures), top_k, rows)
+
+
+def _evaluate(stats: Stats, grid: Sequence[tuple[float, float]], top_k: int,
+              rows: Optional[np.ndarray]) -> pd.DataFrame:
     mask = stats.ok if rows is None else (rows & stats.ok)
-    out = []
-    for lam, t in _grid(lams, temperatures):
-        out.append({"lam": lam, "temperature": t, **_metrics(stats, stats.scores(lam, t), mask, top_k)})
+    out = [{"lam": lam, "temperature": t, **_metrics(stats, stats.scores(lam, t), mask, top_k)} for lam, t in grid]
     return pd.DataFrame(out)
 
 
@@ -150,30 +148,32 @@ def _folds(rows: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
     return [np.sort(f) for f in np.array_split(perm, k)]
 
 
-def sweep(stats: Stats, *, lams: Sequence[float] = DEFAULT_LAMS, temperatures: Sequence[float] = (math.inf,),
-          fixed_lam: float = 0.2, metric: Optional[str] = None, folds: int = 5, bootstrap: int = 1000,
-          seed: int = 0, top_k: int = 3, model: Optional[str] = None) -> SweepResult:
+def sweep(stats: Stats, *, options: Optional[SweepOptions] = None, top_k: int = 3, model: Optional[str] = None,
+          **option_kwargs: Any) -> SweepResult:
     """Table 1 for one (model, dataset), from collected stats: no forward passes.
 
     Args:
         stats: from :func:`patchcsra.stats.collect`.
-        lams, temperatures: the grid. ``fixed_lam`` (at T = inf, the paper's 4 lines) is added to it.
-        fixed_lam: the paper's fixed λ (:func:`patchcsra.patcher.default_lam` of the model).
-        metric: selection metric (default ``mAP``, or ``top1`` for single-label data).
-        folds: k of the cross-validated λ choice (0 or 1 disables it).
-        bootstrap: paired bootstrap resamples for the Δ intervals (0 disables them).
-        seed: seeds the folds and the resamples.
+        options: a :class:`~patchcsra.options.SweepOptions`, or its fields as keywords: ``lams``,
+            ``temperatures`` (the grid; ``fixed_lam`` at T = inf, the paper's 4 lines, is added to it),
+            ``fixed_lam`` (the paper's fixed λ, :func:`patchcsra.patcher.default_lam` of the model; 0.2 when
+            not given), ``metric`` (selection metric, default ``mAP``, or ``top1`` for single-label data),
+            ``folds`` (k of the cross-validated λ choice; 0 or 1 disables it), ``bootstrap`` (paired
+            bootstrap resamples for the Δ intervals; 0 disables them), ``seed`` (the folds and resamples).
+        top_k: k of the top-k precision/recall columns.
         model: the model's name, for the message when its logits are NaN/inf.
     """
+    opts = split_options(option_kwargs, sweep=options, allowed=(SweepOptions,))[2]
     check_finite(stats, model)
     rows = stats.ok.copy()
     if not rows.any():
         raise PatchCSRAError("no readable images to score")
-    metric = metric or primary_metric(stats)
-    fixed_lam = check_lam(fixed_lam, "fixed_lam")
-    lam_set = sorted(set(float(v) for v in lams) | {0.0, fixed_lam})
-    temps = sorted({check_temperature(t) for t in temperatures} | {math.inf}, key=lambda t: (math.isinf(t), t))
-    frame = evaluate_grid(stats, lam_set, temps, top_k=top_k, rows=rows)
+    metric = opts.metric or primary_metric(stats)
+    fixed_lam = 0.2 if opts.fixed_lam is None else opts.fixed_lam
+    folds, bootstrap, seed = opts.folds, opts.bootstrap, opts.seed
+    lam_set = sorted(set(opts.lams) | {0.0, fixed_lam})
+    temps = sorted(set(opts.temperatures) | {math.inf}, key=lambda t: (math.isinf(t), t))
+    frame = _evaluate(stats, _grid(lam_set, temps), top_k, rows)
     if metric not in frame.columns:
         raise PatchCSRAError(f"metric={metric!r} is not computed here; choose one of "
                              f"{', '.join(c for c in frame.columns if c not in ('lam', 'temperature'))}")

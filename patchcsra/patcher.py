@@ -28,9 +28,9 @@ def check_lam(lam: float, name: str = "lam") -> float:
     try:
         v = float(lam)
     except (TypeError, ValueError):
-        raise PatchCSRAError(f"{name}={lam!r} is not a number; give a finite λ >= 0, e.g. 0.2") from None
+        raise PatchCSRAError(f"{name}={lam!r} is not a number; give a finite λ >= 0, e.g. 0.2", param=name) from None
     if not math.isfinite(v) or v < 0:
-        raise PatchCSRAError(f"{name}={lam!r} is invalid; give a finite λ >= 0, e.g. 0.2")
+        raise PatchCSRAError(f"{name}={lam!r} is invalid; give a finite λ >= 0, e.g. 0.2", param=name)
     return v
 
 
@@ -39,9 +39,9 @@ def check_temperature(t: float, name: str = "temperature") -> float:
     try:
         v = float(t)
     except (TypeError, ValueError):
-        raise PatchCSRAError(f"{name}={t!r} is not a number; give T > 0 or 'inf'") from None
+        raise PatchCSRAError(f"{name}={t!r} is not a number; give T > 0 or 'inf'", param=name) from None
     if math.isnan(v) or v <= 0:
-        raise PatchCSRAError(f"{name}={t!r} is invalid; give T > 0 or 'inf' (max over locations)")
+        raise PatchCSRAError(f"{name}={t!r} is invalid; give T > 0 or 'inf' (max over locations)", param=name)
     return v
 
 
@@ -49,7 +49,7 @@ def check_temperatures(ts: Sequence[float], name: str = "temperatures") -> tuple
     """A non-empty list of T > 0 (``inf`` allowed), checked once, as floats."""
     out = tuple(check_temperature(t, name) for t in ts)
     if not out:
-        raise PatchCSRAError(f"{name} is empty; give at least one T > 0 or 'inf'")
+        raise PatchCSRAError(f"{name} is empty; give at least one T > 0 or 'inf'", param=name)
     return out
 
 

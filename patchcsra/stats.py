@@ -18,7 +18,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from ._io import torch_save, write_bytes
 from .runtime import OOM_ERRORS, default_workers, resolve_amp, resolve_device
 from .errors import DatasetError, PatchCSRAError
-from .patcher import PatchedClassifier, check_temperature, residual_attention, temperature_text
+from .options import CollectOptions, split_options
+from .patcher import PatchedClassifier, check_temperatures, residual_attention, temperature_text
 
 __all__ = ["Stats", "collect", "model_fingerprint", "DEFAULT_TEMPERATURES", "STATS_VERSION"]
 
@@ -225,10 +226,8 @@ def _known_temperatures(root: Path, key: str) -> set[float]:
 
 # ----------------------------------------------------------------------------- collect
 def collect(patched: PatchedClassifier, dataset, *, temperatures: Sequence[float] = (math.inf,),
-            class_index: Optional[Sequence[int]] = None, batch_size: int = 32, device: Optional[str] = None,
-            amp: Optional[str] = "auto", channels_last: Optional[bool] = None, workers: Optional[int] = None,
-            cache_dir: Optional[Union[str, Path]] = None, fingerprint: Optional[dict] = None,
-            save_every: int = 1024, progress: Optional[Progress] = None) -> Stats:
+            class_index: Optional[Sequence[int]] = None, options: Optional[CollectOptions] = None,
+            fingerprint: Optional[dict] = None, progress: Optional[Progress] = None, **option_kwargs: Any) -> Stats:
     """Run ``patched``'s backbone once per image of ``dataset`` and keep what a λ/T sweep needs.
 
     Args:
@@ -238,12 +237,14 @@ def collect(patched: PatchedClassifier, dataset, *, temperatures: Sequence[float
         temperatures: T values to collect; ``inf`` always, and :data:`DEFAULT_TEMPERATURES` too while
             ``N x C x 8 <= EXTRA_T_BUDGET`` (e.g. VOC, COCO; not ImageNet's 50,000 x 1,000).
         class_index: ``(C,)`` model output index per dataset class (default: identity).
-        batch_size, workers: DataLoader settings (``workers=None``: :func:`default_workers`).
-        device: ``auto`` / ``cpu`` / ``cuda[:N]``. amp: ``auto`` (bf16 on CUDA), ``bf16``, ``fp16``, ``none``.
-        channels_last: NHWC memory format (default: on CUDA).
-        cache_dir: where entries are kept; ``None`` disables caching (and resuming).
+        options: a :class:`~patchcsra.options.CollectOptions`; its fields may also be given as keywords
+            (``batch_size=``, ``device=``, ``amp=``, ``channels_last=``, ``workers=``, ``cache_dir=``,
+            ``save_every=``): ``batch_size``/``workers`` are the DataLoader's (``workers=None``:
+            :func:`~patchcsra.runtime.default_workers`); ``device`` ``auto``/``cpu``/``cuda[:N]``; ``amp``
+            ``auto`` (bf16 on CUDA) / ``bf16`` / ``fp16`` / ``none``; ``channels_last`` NHWC (default: on CUDA);
+            ``cache_dir`` where entries are kept (``None``: no caching or resuming); ``save_every`` images per
+            cache part (how much an interruption can lose).
         fingerprint: extra facts that identify the run (model spec, transform); hashed into the key.
-        save_every: images per cache part (how much an interruption can lose).
         progress: ``progress(done, total)`` after every batch.
 
     Returns:
@@ -254,44 +255,73 @@ def collect(patched: PatchedClassifier, dataset, *, temperatures: Sequence[float
     Raises:
         PatchCSRAError: CUDA out of memory even at batch size 1.
     """
+    opts = split_options(option_kwargs, collect=options, allowed=(CollectOptions,))[1]
     if not isinstance(patched, PatchedClassifier):
         raise PatchCSRAError(f"collect needs a PatchedClassifier (from patchcsra.patch), got {type(patched).__name__}")
     if len(dataset) == 0:
         raise DatasetError(f"dataset {getattr(dataset, 'name', '')!r} has no images")
-    n = len(dataset)
-    temps_req = {check_temperature(t) for t in temperatures} | {math.inf}
+    p = _plan(patched, dataset, check_temperatures(temperatures), class_index, opts, fingerprint or {})
+    from . import dist
+
+    if dist.world_size() > 1:
+        return _collect_distributed(p, progress)
+    return _collect_single(p, progress)
+
+
+@dataclass
+class _Plan:
+    """One pass, resolved once: what every step of the collection reads."""
+
+    patched: PatchedClassifier
+    dataset: Any
+    index: list[int]  # model output per dataset class
+    temps: list[float]  # collected: the requested ones (and inf), plus the paper's set while small
+    temps_req: set[float]
+    options: CollectOptions
+    dev: torch.device
+    amp_dtype: Optional[torch.dtype]
+    workers: int
+    key: str  # the cache key: model, data, class index, AMP, fingerprint
+    fingerprint: dict
+
+    @property
+    def n(self) -> int:
+        return len(self.dataset)
+
+
+def _plan(patched: PatchedClassifier, dataset, temperatures: Sequence[float], class_index: Optional[Sequence[int]],
+          opts: CollectOptions, fingerprint: dict) -> _Plan:
+    temps_req = {float(t) for t in temperatures} | {math.inf}
     # the paper's T set rides along for free unless it would make the stats large (ImageNet-sized C)
-    small = n * len(dataset.classes) * len(DEFAULT_TEMPERATURES) <= EXTRA_T_BUDGET
-    extra = set(DEFAULT_TEMPERATURES) if small else set()
-    temps = sorted(temps_req | extra)
-    dev = resolve_device(device)
-    amp_dtype = resolve_amp(amp, dev)
+    small = len(dataset) * len(dataset.classes) * len(DEFAULT_TEMPERATURES) <= EXTRA_T_BUDGET
+    temps = sorted(temps_req | (set(DEFAULT_TEMPERATURES) if small else set()))
+    dev = resolve_device(opts.device)
+    amp_dtype = resolve_amp(opts.amp, dev)
     c_model = int(patched.info.num_classes)
     index = list(range(c_model)) if class_index is None else [int(i) for i in class_index]
     if len(index) != len(dataset.classes):
         raise PatchCSRAError(f"class_index has {len(index)} entries for {len(dataset.classes)} dataset classes")
     key = _digest({"v": STATS_VERSION, "model": model_fingerprint(patched.split), "data": dataset.fingerprint(),
-                   "index": index, "amp": str(amp_dtype), "extra": fingerprint or {}})
-    from . import dist
+                   "index": index, "amp": str(amp_dtype), "extra": fingerprint})
+    workers = default_workers() if opts.workers is None else int(opts.workers)
+    return _Plan(patched, dataset, index, temps, temps_req, opts, dev, amp_dtype, workers, key, fingerprint)
 
-    workers = default_workers() if workers is None else workers
-    if dist.world_size() > 1:
-        return _collect_distributed(patched, dataset, key, temps, temps_req, index, batch_size, dev, amp_dtype,
-                                    channels_last, workers, cache_dir, fingerprint, progress)
-    entry = _open_entry(cache_dir, key, temps, temps_req, n, fingerprint) if cache_dir is not None else None
-    if entry is not None:
-        temps = sorted(float(t) for t in entry.meta()["temperatures"])  # type: ignore[index]
-    data = _alloc(n, _row_shapes(len(index), len(temps)))
+
+def _collect_single(p: _Plan, progress: Optional[Progress]) -> Stats:
+    """One process: resume from the cache entry's stored parts, run the rest, mark the entry complete."""
+    cache_dir = p.options.cache_dir
+    entry = _open_entry(cache_dir, p.key, p.temps, p.temps_req, p.n, p.fingerprint) if cache_dir is not None else None
+    temps = p.temps if entry is None else sorted(float(t) for t in entry.meta()["temperatures"])  # type: ignore[index]
+    data = _alloc(p.n, _row_shapes(len(p.index), len(temps)))
     start = entry.load_into(data) if entry is not None else 0
     if start:
-        _logger.info("resuming %s at image %d/%d", entry.path if entry else "", start, n)
-    used = (batch_size, 0)
-    if start < n:
-        used = _run(patched, dataset, list(range(start, n)), temps, index, batch_size, dev, amp_dtype,
-                    channels_last, workers, {k: v[start:] for k, v in data.items()}, entry, save_every, progress)
+        _logger.info("resuming %s at image %d/%d", entry.path if entry else "", start, p.n)
+    used = (p.options.batch_size, 0)
+    if start < p.n:
+        used = _run(p, list(range(start, p.n)), temps, {k: v[start:] for k, v in data.items()}, entry, progress)
     if entry is not None:
         _mark_complete(entry)
-    return _stats(data, temps, dataset, key, entry, dev, amp_dtype, n - start, used=used)
+    return _stats(p, data, temps, entry, p.n - start, used=used)
 
 
 def _open_entry(cache_dir: Union[str, Path], key: str, temps: list[float], temps_req: set[float], n: int,
@@ -315,23 +345,21 @@ def _mark_complete(entry: _Entry) -> None:
         entry.write_meta(m)
 
 
-def _stats(data: dict[str, Tensor], temps: Sequence[float], dataset, key: str, entry: Optional[_Entry],
-           dev: torch.device, amp_dtype: Optional[torch.dtype], forward_images: int, world: int = 1,
-           used: Optional[tuple[int, int]] = None) -> Stats:
+def _stats(p: _Plan, data: dict[str, Tensor], temps: Sequence[float], entry: Optional[_Entry], forward_images: int,
+           world: int = 1, used: Optional[tuple[int, int]] = None) -> Stats:
     """``used``: ``(batch size the pass ended at, out-of-memory retries)`` from :func:`_run`."""
-    meta = {"key": key, "cache": str(entry.path) if entry is not None else None, "device": str(dev),
-            "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "none", "forward_images": forward_images,
-            "world_size": world}
+    ds = p.dataset
+    meta = {"key": p.key, "cache": str(entry.path) if entry is not None else None, "device": str(p.dev),
+            "amp": str(p.amp_dtype).replace("torch.", "") if p.amp_dtype else "none",
+            "forward_images": forward_images, "world_size": world}
     if used is not None:
         meta["batch_size"], meta["oom_retries"] = int(used[0]), int(used[1])
     return Stats(base=data["base"], max=data["max"], att=data["att"], temperatures=tuple(float(t) for t in temps),
-                 targets=np.asarray(dataset.targets, dtype=np.int8), ok=data["ok"].numpy().astype(bool),
-                 ids=tuple(dataset.ids), classes=tuple(dataset.classes), single_label=bool(dataset.single_label),
-                 meta=meta)
+                 targets=np.asarray(ds.targets, dtype=np.int8), ok=data["ok"].numpy().astype(bool),
+                 ids=tuple(ds.ids), classes=tuple(ds.classes), single_label=bool(ds.single_label), meta=meta)
 
 
-def _collect_distributed(patched, dataset, key, temps, temps_req, index, batch_size, dev, amp_dtype, channels_last,
-                         workers, cache_dir, fingerprint, progress) -> Optional[Stats]:
+def _collect_distributed(p: _Plan, progress: Optional[Progress]) -> Optional[Stats]:
     """torchrun: each rank runs its strided shard, rank 0 gathers, caches and returns; others return None.
 
     A complete cache entry (checked by rank 0) is reused as in a single process; an interrupted distributed
@@ -339,79 +367,52 @@ def _collect_distributed(patched, dataset, key, temps, temps_req, index, batch_s
     """
     from . import dist
 
-    n = len(dataset)
-    entry = None
-    if dist.is_main() and cache_dir is not None:
-        entry = _open_entry(cache_dir, key, temps, temps_req, n, fingerprint)
+    n, temps, entry = p.n, p.temps, None
+    if dist.is_main() and p.options.cache_dir is not None:
+        entry = _open_entry(p.options.cache_dir, p.key, temps, p.temps_req, n, p.fingerprint)
     have = dist.broadcast(None if entry is None else (entry.done() == n, entry.meta()["temperatures"]))  # type: ignore[index]
     if have is not None:
         temps = sorted(float(t) for t in have[1])
         if have[0]:
-            return _stats(entry.load(n, _row_shapes(len(index), len(temps))),  # type: ignore[union-attr]
-                          temps, dataset, key, entry, dev, amp_dtype, 0,
-                          dist.world_size()) if dist.is_main() else None
+            return _stats(p, entry.load(n, _row_shapes(len(p.index), len(temps))),  # type: ignore[union-attr]
+                          temps, entry, 0, dist.world_size()) if dist.is_main() else None
     mine = dist.shard(n)
-    shapes = _row_shapes(len(index), len(temps))
+    shapes = _row_shapes(len(p.index), len(temps))
     part = _alloc(len(mine), shapes)
-    used = (batch_size, 0)
+    used = (p.options.batch_size, 0)
     if mine:
-        used = _run(patched, dataset, mine, temps, index, batch_size, dev, amp_dtype, channels_last, workers, part,
-                    None, n, progress)
+        used = _run(p, mine, temps, part, None, progress)
     gathered = dist.gather_to_main((mine, part))
     if not dist.is_main():
         return None
     data = _alloc(n, shapes)
-    for rows, p in gathered:  # type: ignore[union-attr]
+    for rows, got in gathered:  # type: ignore[union-attr]
         if rows:
             r = torch.as_tensor(rows, dtype=torch.long)
             for k in data:
-                data[k][r] = p[k]
+                data[k][r] = got[k]
     if entry is not None:
         for _, _, old in entry.parts():  # a partial single-process pass is superseded by the whole one
             old.unlink()
         entry.save_part(0, data)
         _mark_complete(entry)
-    return _stats(data, temps, dataset, key, entry, dev, amp_dtype, n, dist.world_size(), used=used)
+    return _stats(p, data, temps, entry, n, dist.world_size(), used=used)
 
 
-def _run(patched: PatchedClassifier, dataset, rows: list[int], temps: list[float], index: list[int], batch_size: int,
-         dev: torch.device, amp_dtype: Optional[torch.dtype], channels_last: Optional[bool], workers: int,
-         out: dict[str, Tensor], entry: Optional[_Entry], save_every: int,
-         progress: Optional[Progress]) -> tuple[int, int]:
-    """Forward ``dataset[rows]`` and write row ``i`` of every ``out`` tensor for ``rows[i]`` (in place).
-
-    ``out``: preallocated CPU tensors with ``len(rows)`` rows (see :func:`_row_shapes`). With ``entry``
-    (single process, ``rows`` contiguous), every ``save_every`` images are also saved as a cache part.
-
-    On CUDA out of memory (``torch.OutOfMemoryError``) the failed chunk is retried at half the batch size,
-    down to 1, and the smaller size is kept for the rest of the pass (each loader batch of up to
-    ``batch_size`` images is cut into chunks); a warning is logged each time. Rows are written only
-    after their chunk succeeded, so the result equals a pass without the failure.
-
-    Returns:
-        ``(batch size the pass ended at, number of out-of-memory retries)``.
-
-    Raises:
-        PatchCSRAError: out of memory even at batch size 1.
-    """
-    from torch.utils.data import DataLoader, Subset
-
-    n = len(dataset)
-    start = rows[0] if rows else n
+def _forward_into(p: _Plan, temps: Sequence[float], out: dict[str, Tensor]) -> Callable[[Tensor, slice], None]:
+    """The model on its device (channels_last where it helps) and ``forward(x, rows)``: images ``(b, 3, H, W)``
+    on the CPU -> rows ``rows`` (``b`` of them) of every ``out`` tensor (all computed before any write)."""
+    patched, dev, amp_dtype = p.patched, p.dev, p.amp_dtype
     model = patched.to(dev).eval()
-    cl = dev.type == "cuda" if channels_last is None else channels_last
+    cl = dev.type == "cuda" if p.options.channels_last is None else p.options.channels_last
     if cl and patched.info.layout == "NCHW":
         model = model.to(memory_format=torch.channels_last)
-    loader = DataLoader(Subset(dataset, rows), batch_size=batch_size, shuffle=False,
-                        num_workers=workers, pin_memory=dev.type == "cuda", persistent_workers=False)
-    idx = torch.as_tensor(index, dtype=torch.long, device=dev)
-    identity = index == list(range(int(patched.info.num_classes)))
+    idx = torch.as_tensor(p.index, dtype=torch.long, device=dev)
+    identity = p.index == list(range(int(patched.info.num_classes)))
     finite = [(j, t) for j, t in enumerate(temps) if not math.isinf(t)]
     infinite = [j for j, t in enumerate(temps) if math.isinf(t)]
-    step = rows[1] - rows[0] if len(rows) > 1 else 1  # 1 in a single process; the world size under torchrun
 
     def forward(x: Tensor, rs: slice) -> None:
-        """``x``: ``(b, C, H, W)`` images on the CPU -> rows ``rs`` (``b`` of them) of every ``out`` tensor."""
         x = x.to(dev, non_blocking=True)
         if cl and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -421,7 +422,7 @@ def _run(patched: PatchedClassifier, dataset, rows: list[int], temps: list[float
         if not identity:
             base, s = base[:, idx], s[:, idx]
         mx = s.amax(dim=-1)
-        att = {j: residual_attention(s, t) for j, t in finite}  # (b, C) each, all computed before any write
+        att = {j: residual_attention(s, t) for j, t in finite}  # (b, C) each
         out["base"][rs] = base
         out["max"][rs] = mx
         for j in infinite:
@@ -429,34 +430,71 @@ def _run(patched: PatchedClassifier, dataset, rows: list[int], temps: list[float
         for j, a in att.items():
             out["att"][rs, :, j] = a
 
-    bs, retries = batch_size, 0  # the current chunk size; it only ever shrinks
+    return forward
+
+
+def _forward_chunks(forward: Callable[[Tensor, slice], None], x: Tensor, at: int, bs: int,
+                    dev: torch.device) -> tuple[int, int]:
+    """``forward`` one loader batch ``x`` (rows ``at..``) in chunks of ``bs``; on out of memory the failed chunk
+    is retried at half the size, down to 1. Returns ``(chunk size now, retries)``."""
+    pos, retries, b = 0, 0, x.shape[0]
+    while pos < b:
+        m = min(bs, b - pos)
+        failed = False
+        try:
+            forward(x[pos:pos + m], slice(at + pos, at + pos + m))
+        except OOM_ERRORS:
+            failed = True  # handled outside the except block, so the failed chunk's tensors are freed
+        if not failed:
+            pos += m
+            continue
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        if m <= 1:
+            raise PatchCSRAError(
+                f"CUDA out of memory even at batch size 1 on {dev} (input {tuple(x.shape[1:])}); "
+                "use --img-size smaller / --amp bf16, or free the GPU") from None
+        bs = max(1, m // 2)
+        retries += 1
+        _logger.warning("out of memory at batch size %d; retrying with %d", m, bs)
+    return bs, retries
+
+
+def _run(p: _Plan, rows: list[int], temps: Sequence[float], out: dict[str, Tensor], entry: Optional[_Entry],
+         progress: Optional[Progress]) -> tuple[int, int]:
+    """Forward ``dataset[rows]`` and write row ``i`` of every ``out`` tensor for ``rows[i]`` (in place).
+
+    ``out``: preallocated CPU tensors with ``len(rows)`` rows (see :func:`_row_shapes`). With ``entry``
+    (single process, ``rows`` contiguous), every ``save_every`` images are also saved as a cache part.
+
+    On CUDA out of memory (``torch.OutOfMemoryError``) the failed chunk is retried at half the batch size,
+    down to 1, and the smaller size is kept for the rest of the pass (each loader batch of up to
+    ``batch_size`` images is cut into chunks, :func:`_forward_chunks`); a warning is logged each time. Rows
+    are written only after their chunk succeeded, so the result equals a pass without the failure.
+
+    Returns:
+        ``(batch size the pass ended at, number of out-of-memory retries)``.
+
+    Raises:
+        PatchCSRAError: out of memory even at batch size 1.
+    """
+    from torch.utils.data import DataLoader, Subset
+
+    n, opts = p.n, p.options
+    start = rows[0] if rows else n
+    forward = _forward_into(p, temps, out)
+    loader = DataLoader(Subset(p.dataset, rows), batch_size=opts.batch_size, shuffle=False,
+                        num_workers=p.workers, pin_memory=p.dev.type == "cuda", persistent_workers=False)
+    step = rows[1] - rows[0] if len(rows) > 1 else 1  # 1 in a single process; the world size under torchrun
+    bs, retries = opts.batch_size, 0  # the current chunk size; it only ever shrinks
     saved, done = 0, 0  # rows of ``out`` saved to the cache / written
     with torch.inference_mode():
         for x, _, ok in loader:
-            b = x.shape[0]
-            pos = 0
-            while pos < b:
-                m = min(bs, b - pos)
-                failed = False
-                try:
-                    forward(x[pos:pos + m], slice(done + pos, done + pos + m))
-                except OOM_ERRORS:
-                    failed = True  # handled outside the except block, so the failed chunk's tensors are freed
-                if not failed:
-                    pos += m
-                    continue
-                if dev.type == "cuda":
-                    torch.cuda.empty_cache()
-                if m <= 1:
-                    raise PatchCSRAError(
-                        f"CUDA out of memory even at batch size 1 on {dev} (input {tuple(x.shape[1:])}); "
-                        "use --img-size smaller / --amp bf16, or free the GPU") from None
-                bs = max(1, m // 2)
-                retries += 1
-                _logger.warning("out of memory at batch size %d; retrying with %d", m, bs)
-            out["ok"][done:done + b] = ok.bool()
-            done += b
-            if entry is not None and (done - saved >= save_every or done == len(rows)):
+            bs, r = _forward_chunks(forward, x, done, bs, p.dev)
+            retries += r
+            out["ok"][done:done + x.shape[0]] = ok.bool()
+            done += x.shape[0]
+            if entry is not None and (done - saved >= opts.save_every or done == len(rows)):
                 entry.save_part(start + saved, {k: v[saved:done].clone() for k, v in out.items()})
                 saved = done
             if progress is not None:

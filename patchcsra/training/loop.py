@@ -198,6 +198,35 @@ def _cached_features(model: HeadedClassifier, dataset, out: Path, key: str, batc
 
 
 # ----------------------------------------------------------------------------- training
+@dataclass
+class _Run:
+    """What one training run carries between its steps (set up by :func:`_setup`, then mutated per epoch)."""
+
+    cfg: TrainConfig
+    out: Path
+    dev: torch.device
+    workers: int
+    spec: Any
+    dataset: Any
+    headed: HeadedClassifier
+    targets: Tensor
+    single: bool
+    metric: str
+    train_rows: np.ndarray
+    val_rows: np.ndarray
+    key: str
+    feats: Optional[Tensor] = None
+    feat_seconds: float = 0.0
+    trainable: Optional[nn.Module] = None
+    module: Optional[nn.Module] = None
+    opt: Optional[torch.optim.Optimizer] = None
+    base_lrs: list = field(default_factory=list)
+    iters: int = 1
+    history: list = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"epoch": -1, "metric": -math.inf, "state": None})
+    start_epoch: int = 0
+
+
 def train_head(model: nn.Module, dataset, out_dir: Union[str, Path], *, config: TrainConfig = TrainConfig(),
                transform=None, resume: bool = False, force: bool = False, device: Optional[str] = None,
                workers: Optional[int] = None, source: Optional[str] = None,
@@ -224,10 +253,20 @@ def train_head(model: nn.Module, dataset, out_dir: Union[str, Path], *, config: 
     Returns:
         :class:`TrainResult` with the best epoch's model (chosen on the carved validation part).
     """
-    from ..data import resolve_transform
-    from ..runtime import default_workers, resolve_device
+    run = _setup(model, dataset, _run_dir(out_dir, resume, force), config.check(), transform, device, workers,
+                 class_index)
+    state = _checkpoint(run) if resume else None
+    _prepare_trainable(run)
+    _make_optimizer(run, state)
+    for epoch in range(run.start_epoch, run.cfg.epochs):
+        row = _train_epoch(run, epoch, progress)
+        _end_epoch(run, epoch, row, progress)
+    dist.barrier()
+    return _finish(run, source)
 
-    cfg = config.check()
+
+def _run_dir(out_dir: Union[str, Path], resume: bool, force: bool) -> Path:
+    """The run directory, created; an existing one only with ``resume`` (kept) or ``force`` (emptied)."""
     out = Path(out_dir)
     if out.exists() and not (resume or force):
         raise PatchCSRAError(f"{out} exists; pass --resume to continue it or --force to start over")
@@ -235,8 +274,16 @@ def train_head(model: nn.Module, dataset, out_dir: Union[str, Path], *, config: 
         shutil.rmtree(out)
     dist.barrier()
     out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _setup(model: nn.Module, dataset, out: Path, cfg: TrainConfig, transform, device: Optional[str],
+           workers: Optional[int], class_index: Optional[Sequence[int]]) -> _Run:
+    """Device, transform, the headed model (seeded), the carved validation part and the run's key."""
+    from ..data import resolve_transform
+    from ..runtime import default_workers, resolve_device
+
     dev = resolve_device(dist.local_device() or device)
-    workers = default_workers() if workers is None else workers
     spec = transform or resolve_transform(model)
     torch.manual_seed(cfg.seed)
     headed = attach_head(model, cfg.kind, heads=cfg.heads, lam=cfg.lam, temperatures=cfg.temperatures,
@@ -244,39 +291,48 @@ def train_head(model: nn.Module, dataset, out_dir: Union[str, Path], *, config: 
                          num_classes=len(dataset.classes))
     for p in headed.parameters():
         p.requires_grad_(True)
-    n = len(dataset)
-    targets = torch.as_tensor(np.asarray(dataset.targets), dtype=torch.float32)
     single = bool(dataset.single_label)
-    metric_name = "top1" if single else "mAP"
-    train_rows, val_rows = carve_validation(n, cfg.val_fraction, cfg.seed)
+    train_rows, val_rows = carve_validation(len(dataset), cfg.val_fraction, cfg.seed)
     key = json.dumps({"data": dataset.fingerprint(), "config": cfg.as_dict(), "transform": spec.as_dict(),
                       "class_index": None if class_index is None else [int(i) for i in class_index]},
                      sort_keys=True)
-    ckpt_path = out / CHECKPOINT
-    state = None
-    if resume and ckpt_path.exists():
-        state = torch.load(ckpt_path, weights_only=False)
-        if state.get("key") != key:
-            raise PatchCSRAError(f"{ckpt_path} belongs to another run (config, data or transform differ); "
-                                 "use another --out or --force")
+    return _Run(cfg=cfg, out=out, dev=dev, workers=default_workers() if workers is None else workers, spec=spec,
+                dataset=dataset, headed=headed, single=single, metric="top1" if single else "mAP",
+                targets=torch.as_tensor(np.asarray(dataset.targets), dtype=torch.float32),
+                train_rows=train_rows, val_rows=val_rows, key=key)
 
-    dataset.transform = spec.build()
-    feats = oks = None
-    feat_seconds = 0.0
+
+def _checkpoint(run: _Run) -> Optional[dict]:
+    """The checkpoint of an interrupted run in ``run.out`` (None when there is none); another run's is refused."""
+    path = run.out / CHECKPOINT
+    if not path.exists():
+        return None
+    state = torch.load(path, weights_only=False)
+    if state.get("key") != run.key:
+        raise PatchCSRAError(f"{path} belongs to another run (config, data or transform differ); "
+                             "use another --out or --force")
+    return state
+
+
+def _prepare_trainable(run: _Run) -> None:
+    """Frozen: cache the backbone's features, train the head only; finetune: train all (two lr groups)."""
+    cfg, headed = run.cfg, run.headed
+    run.dataset.transform = run.spec.build()
     if cfg.mode == "frozen":
         from ..stats import model_fingerprint
 
-        feat_key = json.dumps({"data": dataset.fingerprint(), "transform": spec.as_dict(),
+        feat_key = json.dumps({"data": run.dataset.fingerprint(), "transform": run.spec.as_dict(),
                                "model": model_fingerprint(headed.split)}, sort_keys=True)
-        feats, oks, feat_seconds = _cached_features(headed, dataset, out, feat_key, cfg.batch_size, workers, dev)
+        run.feats, oks, run.feat_seconds = _cached_features(headed, run.dataset, run.out, feat_key, cfg.batch_size,
+                                                            run.workers, run.dev)
         good = oks.numpy()
         if not good.all():
             _logger.warning("training without %d unreadable image(s)", int((~good).sum()))
-            train_rows, val_rows = train_rows[good[train_rows]], val_rows[good[val_rows]]
-        trainable: nn.Module = headed.head
+            run.train_rows, run.val_rows = run.train_rows[good[run.train_rows]], run.val_rows[good[run.val_rows]]
+        run.trainable = headed.head
         groups = [{"params": list(headed.head.parameters()), "lr": cfg.lr_head}]
     else:
-        trainable = headed
+        run.trainable = headed
         groups = [{"params": headed.backbone_parameters(), "lr": cfg.lr_backbone},
                   {"params": headed.head_parameters(), "lr": cfg.lr_head}]
     for p in headed.parameters():
@@ -284,96 +340,116 @@ def train_head(model: nn.Module, dataset, out_dir: Union[str, Path], *, config: 
     for g in groups:
         for p in g["params"]:
             p.requires_grad_(True)
-    headed.to(dev)
-    opt = torch.optim.SGD(groups, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    world, rank = dist.world_size(), dist.rank()
-    iters = max(1, math.ceil(len(train_rows) / (cfg.batch_size * world)))
-    base_lrs = [g["lr"] for g in groups]
-    history: list[dict] = []
-    best = {"epoch": -1, "metric": -math.inf, "state": None}
-    start_epoch = 0
+    headed.to(run.dev)
+    run.opt = torch.optim.SGD(groups, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def _make_optimizer(run: _Run, state: Optional[dict]) -> None:
+    """Learning-rate schedule facts, the resumed state, and the DDP wrapper under torchrun."""
+    assert run.trainable is not None and run.opt is not None
+    world = dist.world_size()
+    run.iters = max(1, math.ceil(len(run.train_rows) / (run.cfg.batch_size * world)))
+    run.base_lrs = [g["lr"] for g in run.opt.param_groups]
     if state is not None:
-        trainable.load_state_dict(state["trainable"])
-        opt.load_state_dict(state["optimizer"])
-        history, best, start_epoch = state["history"], state["best"], state["epoch"]
-        _logger.info("resuming %s after epoch %d", out, start_epoch)
-    module = trainable
+        run.trainable.load_state_dict(state["trainable"])
+        run.opt.load_state_dict(state["optimizer"])
+        run.history, run.best, run.start_epoch = state["history"], state["best"], state["epoch"]
+        _logger.info("resuming %s after epoch %d", run.out, run.start_epoch)
+    run.module = run.trainable
     if world > 1:
-        module = nn.parallel.DistributedDataParallel(
-            trainable, device_ids=[dev.index] if dev.type == "cuda" else None)
+        run.module = nn.parallel.DistributedDataParallel(
+            run.trainable, device_ids=[run.dev.index] if run.dev.type == "cuda" else None)
 
-    for epoch in range(start_epoch, cfg.epochs):
-        torch.manual_seed(cfg.seed * 100003 + epoch)  # dropout etc.: the same on resume
-        g = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
-        order = train_rows[torch.randperm(len(train_rows), generator=g).numpy()]
-        mine = order[rank::world]
-        t0 = time.perf_counter()
-        loss_sum, seen = 0.0, 0
-        if cfg.mode == "frozen":
-            headed.eval()
-            batches = [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
-            loader: Any = ((feats[torch.as_tensor(b)].float(), torch.as_tensor(b)) for b in batches)  # type: ignore[index]
-            steps = len(batches)
-        else:
-            from torch.utils.data import DataLoader, Subset
 
-            headed.train()
-            train_ds = copy.copy(dataset)
-            train_ds.transform = _train_transform(spec)
-            loader = ((x[ok], i[ok]) for x, i, ok in DataLoader(
-                Subset(train_ds, mine.tolist()), batch_size=cfg.batch_size, shuffle=False, num_workers=workers,
-                pin_memory=dev.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed + epoch)))
-            steps = math.ceil(len(mine) / cfg.batch_size)
-        for step, (x, idx) in enumerate(loader):
-            it = epoch * iters + step
-            for grp, lr0 in zip(opt.param_groups, base_lrs):
-                grp["lr"] = lr0 * lr_factor(it, iters, cfg)
-            x = x.to(dev, non_blocking=True)
-            y = targets[idx].to(dev)
-            logits = module(x)
-            loss = _loss(logits, y, single)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += float(loss.detach()) * len(idx)
-            seen += len(idx)
-            if progress is not None and dist.is_main():
-                progress({"epoch": epoch + 1, "epochs": cfg.epochs, "step": step + 1, "steps": steps,
-                          "loss": loss_sum / max(1, seen), "lr": opt.param_groups[-1]["lr"],
-                          "images_per_s": seen * world / max(time.perf_counter() - t0, 1e-9)})
-        train_seconds = time.perf_counter() - t0
-        seen_all = seen
-        if world > 1:  # the epoch's loss over every rank's images
-            tot = torch.tensor([loss_sum, float(seen)], dtype=torch.float64)
-            torch.distributed.all_reduce(tot)
-            loss_sum, seen_all = float(tot[0]), int(tot[1])
-        val = _validate(headed, dataset, val_rows, feats, cfg, workers, dev, targets, single)
-        row = {"epoch": epoch + 1, "lr": opt.param_groups[-1]["lr"], "train_loss": loss_sum / max(1, seen_all),
-               f"val_{metric_name}": val, "seconds": round(train_seconds, 3),
-               "images_per_s": round(seen_all / max(train_seconds, 1e-9), 1)}
-        history.append(row)
-        if val > best["metric"]:
-            best = {"epoch": epoch + 1, "metric": val, "state": copy.deepcopy(trainable.state_dict())}
-        if dist.is_main():
-            torch_save({"key": key, "epoch": epoch + 1, "trainable": trainable.state_dict(),
-                          "optimizer": opt.state_dict(), "history": history, "best": best}, ckpt_path)
-            _write_history(out, history, metric_name)
+def _epoch_batches(run: _Run, mine: np.ndarray, epoch: int) -> tuple[Any, int]:
+    """``(iterator of (inputs, row indices), steps)``: cached features (frozen) or augmented images (finetune)."""
+    cfg = run.cfg
+    if cfg.mode == "frozen":
+        run.headed.eval()
+        batches = [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
+        feats = run.feats
+        assert feats is not None
+        return ((feats[torch.as_tensor(b)].float(), torch.as_tensor(b)) for b in batches), len(batches)
+    from torch.utils.data import DataLoader, Subset
+
+    run.headed.train()
+    train_ds = copy.copy(run.dataset)
+    train_ds.transform = _train_transform(run.spec)
+    loader = DataLoader(Subset(train_ds, mine.tolist()), batch_size=cfg.batch_size, shuffle=False,
+                        num_workers=run.workers, pin_memory=run.dev.type == "cuda",
+                        generator=torch.Generator().manual_seed(cfg.seed + epoch))
+    return ((x[ok], i[ok]) for x, i, ok in loader), math.ceil(len(mine) / cfg.batch_size)
+
+
+def _train_epoch(run: _Run, epoch: int, progress: Optional[Progress]) -> dict:
+    """One epoch over this rank's shard of the seeded order; returns the history row (validated)."""
+    cfg, opt, module = run.cfg, run.opt, run.module
+    assert opt is not None and module is not None
+    world, rank = dist.world_size(), dist.rank()
+    torch.manual_seed(cfg.seed * 100003 + epoch)  # dropout etc.: the same on resume
+    g = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
+    mine = run.train_rows[torch.randperm(len(run.train_rows), generator=g).numpy()][rank::world]
+    t0 = time.perf_counter()
+    loss_sum, seen = 0.0, 0
+    batches, steps = _epoch_batches(run, mine, epoch)
+    for step, (x, idx) in enumerate(batches):
+        for grp, lr0 in zip(opt.param_groups, run.base_lrs):
+            grp["lr"] = lr0 * lr_factor(epoch * run.iters + step, run.iters, cfg)
+        loss = _loss(module(x.to(run.dev, non_blocking=True)), run.targets[idx].to(run.dev), run.single)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_sum += float(loss.detach()) * len(idx)
+        seen += len(idx)
         if progress is not None and dist.is_main():
-            progress({"epoch": epoch + 1, "epochs": cfg.epochs, "done": True, **row})
-    dist.barrier()
-    if best["state"] is not None:
-        trainable.load_state_dict(best["state"])
-    headed = headed.cpu().eval()
-    headed.patchcsra_source = {"transform": spec.as_dict(), "spec": source}  # the sweep reads its transform
-    summary = {"config": cfg.as_dict(), "source": source, "metric": metric_name, "best_epoch": best["epoch"],
-               f"best_val_{metric_name}": best["metric"], "train_images": int(len(train_rows)),
-               "val_images": int(len(val_rows)), "dataset": {"name": dataset.name, "split": dataset.split,
-                                                              "fingerprint": dataset.fingerprint()},
-               "transform": spec.as_dict(), "head": headed.head_info, "world_size": world,
-               "feature_seconds": round(feat_seconds, 3)}
-    result = TrainResult(headed, pd.DataFrame(history), best["epoch"], best["metric"], metric_name, summary)
+            progress({"epoch": epoch + 1, "epochs": cfg.epochs, "step": step + 1, "steps": steps,
+                      "loss": loss_sum / max(1, seen), "lr": opt.param_groups[-1]["lr"],
+                      "images_per_s": seen * world / max(time.perf_counter() - t0, 1e-9)})
+    seconds = time.perf_counter() - t0
+    if world > 1:  # the epoch's loss over every rank's images
+        tot = torch.tensor([loss_sum, float(seen)], dtype=torch.float64)
+        torch.distributed.all_reduce(tot)
+        loss_sum, seen = float(tot[0]), int(tot[1])
+    val = _validate(run.headed, run.dataset, run.val_rows, run.feats, cfg, run.workers, run.dev, run.targets,
+                    run.single)
+    return {"epoch": epoch + 1, "lr": opt.param_groups[-1]["lr"], "train_loss": loss_sum / max(1, seen),
+            f"val_{run.metric}": val, "seconds": round(seconds, 3), "images_per_s": round(seen / max(seconds, 1e-9), 1)}
+
+
+def _end_epoch(run: _Run, epoch: int, row: dict, progress: Optional[Progress]) -> None:
+    """Record the epoch, keep the best weights, write the checkpoint and history atomically (rank 0)."""
+    assert run.trainable is not None and run.opt is not None
+    run.history.append(row)
+    val = row[f"val_{run.metric}"]
+    if val > run.best["metric"]:
+        run.best = {"epoch": epoch + 1, "metric": val, "state": copy.deepcopy(run.trainable.state_dict())}
     if dist.is_main():
-        _write_model(result, out, spec)
+        torch_save({"key": run.key, "epoch": epoch + 1, "trainable": run.trainable.state_dict(),
+                    "optimizer": run.opt.state_dict(), "history": run.history, "best": run.best},
+                   run.out / CHECKPOINT)
+        _write_history(run.out, run.history, run.metric)
+    if progress is not None and dist.is_main():
+        progress({"epoch": epoch + 1, "epochs": run.cfg.epochs, "done": True, **row})
+
+
+def _finish(run: _Run, source: Optional[str]) -> TrainResult:
+    """The best epoch's model on the CPU, its record, and (rank 0) ``model.pt`` + ``summary.json``."""
+    assert run.trainable is not None
+    if run.best["state"] is not None:
+        run.trainable.load_state_dict(run.best["state"])
+    headed = run.headed.cpu().eval()
+    headed.patchcsra_source = {"transform": run.spec.as_dict(), "spec": source}  # the sweep reads its transform
+    ds = run.dataset
+    summary = {"config": run.cfg.as_dict(), "source": source, "metric": run.metric, "best_epoch": run.best["epoch"],
+               f"best_val_{run.metric}": run.best["metric"], "train_images": int(len(run.train_rows)),
+               "val_images": int(len(run.val_rows)), "dataset": {"name": ds.name, "split": ds.split,
+                                                                  "fingerprint": ds.fingerprint()},
+               "transform": run.spec.as_dict(), "head": headed.head_info, "world_size": dist.world_size(),
+               "feature_seconds": round(run.feat_seconds, 3)}
+    result = TrainResult(headed, pd.DataFrame(run.history), run.best["epoch"], run.best["metric"], run.metric,
+                         summary)
+    if dist.is_main():
+        _write_model(result, run.out, run.spec)
     return result
 
 

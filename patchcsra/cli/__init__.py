@@ -1,0 +1,49 @@
+"""``patchcsra`` command line: one small module per verb over the Python API (:mod:`patchcsra.api`).
+
+Each verb parses strings into the option dataclasses of :mod:`patchcsra.options`, makes one API call and
+renders the result; heavy imports (torch, timm, pandas) happen inside the verb, so ``patchcsra --help``
+and ``--version`` start at once. Bad input exits with status 2 and one line on stderr (``error: ...``);
+nothing is half-written.
+"""
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from . import bench, demo, describe, explain, patch, report, sweep, train
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]},
+                  help="Training-free residual attention (CSRA) for any pretrained image classifier.")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from .._version import __version__
+
+        sys.stdout.write(f"patchcsra {__version__}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="print the version and exit")) -> None:
+    """Training-free residual attention (CSRA) for any pretrained image classifier."""
+
+
+app.command()(patch.patch)
+app.command()(describe.describe)
+app.command("sweep-lambda")(sweep.sweep_lambda)
+app.command()(report.report)
+app.command()(explain.explain)
+app.command("train-head")(train.train_head)
+app.command()(demo.demo)
+app.command()(bench.bench)
+
+
+def main() -> None:  # console-script entry point
+    app()
+
+
+__all__ = ["app", "main"]

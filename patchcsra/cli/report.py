@@ -1,0 +1,31 @@
+"""``patchcsra report``: merge sweep runs into one Table 1 (rows = dataset x model)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import PatchCSRAError
+from ._common import Force, check_out, fail, out
+
+
+def report(
+    runs: list[Path] = typer.Argument(..., help="run directories written by sweep-lambda"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="write table.csv, table.md, table.tex here"),
+    force: Force = False,
+) -> None:
+    """Merge sweep runs into one Table 1 (rows = dataset x model)."""
+    from ..report import merge_runs, rich_table, write_table
+
+    try:
+        if out_dir is not None:
+            check_out(out_dir, "--out", {f"the run {r}": r for r in runs})
+        table = merge_runs(runs)
+        if out_dir is not None:
+            write_table(table, out_dir, force=force)
+    except PatchCSRAError as e:
+        fail(e)
+    out.print(rich_table(table, title="Table 1"))
+    if out_dir is not None:
+        out.print(f"[green]wrote[/] {out_dir}/", highlight=False)

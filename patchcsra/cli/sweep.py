@@ -1,0 +1,137 @@
+"""``patchcsra sweep-lambda``: one forward pass over a dataset, the λ/T grid, a Table-1 run directory."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import PatchCSRAError
+from ._common import (OUTPUT, RUN, SOURCE_HELP, Arch, CropPct, Device, Force, ImgSize, InputSize, Interpolation, Mean,
+                      NumClasses, Pretrained, Std, Trust, Weights, Workers, check_out, err, fail, model_source, out,
+                      parse_float, parse_floats, run_inputs, transform_overrides)
+
+GRID = "λ/T grid and choices"
+
+
+def sweep_lambda(
+    source: str = typer.Argument(..., help=SOURCE_HELP),
+    data: Path = typer.Option(..., "--data", help="VOCdevkit root, COCO root or instances json, ImageFolder tree, "
+                              "or a CSV/JSON manifest"),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="run directory to write (results.csv, summary.json, "
+                                 "table.md, table.tex, curve.png)", rich_help_panel=OUTPUT),
+    split: Optional[str] = typer.Option(None, "--split", help="split name (VOC: test/val/trainval; COCO: val2014, "
+                                        "val2017; default: the evaluation split)"),
+    data_format: Optional[str] = typer.Option(None, "--data-format", help="voc | coco | folder | manifest "
+                                              "(default: detected)"),
+    lams: Optional[str] = typer.Option(None, "--lams", help="comma-separated λ grid (default: 21 values 0..1)",
+                                       rich_help_panel=GRID),
+    temperatures: str = typer.Option("inf", "--temperatures", help="comma-separated T grid, e.g. inf,1,2,4",
+                                     rich_help_panel=GRID),
+    fixed_lam: Optional[str] = typer.Option(None, "--fixed-lam", help="the fixed-λ column (default: 0.02 for "
+                                            "ResNets, 0.2 otherwise)", rich_help_panel=GRID),
+    metric: Optional[str] = typer.Option(None, "--metric", help="selection metric (default: mAP; top1 for "
+                                         "single-label data)", rich_help_panel=GRID),
+    folds: int = typer.Option(5, "--folds", help="k of the cross-validated λ (0: off)", rich_help_panel=GRID),
+    bootstrap: int = typer.Option(1000, "--bootstrap", help="paired bootstrap resamples for Δ intervals (0: off)",
+                                  rich_help_panel=GRID),
+    seed: int = typer.Option(0, "--seed", help="seed of the folds and the bootstrap", rich_help_panel=GRID),
+    class_map: Optional[Path] = typer.Option(None, "--class-map", help="JSON {class: output index} or CSV "
+                                             "'class,index' when dataset and model classes differ"),
+    difficult: str = typer.Option("ignore", "--difficult", help="VOC difficult-only labels: ignore | positive"),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="score without missing/unreadable images"),
+    img_size: ImgSize = None, input_size: InputSize = None, crop_pct: CropPct = None,
+    interpolation: Interpolation = None, mean: Mean = None, std: Std = None,
+    batch_size: int = typer.Option(32, "--batch-size", "-b", help="images per forward pass", rich_help_panel=RUN),
+    workers: Workers = None, device: Device = "auto",
+    amp: str = typer.Option("auto", "--amp", help="auto (bf16 on GPU) | bf16 | fp16 | none", rich_help_panel=RUN),
+    channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last",
+                                                 help="NHWC memory format (default: on GPU)", rich_help_panel=RUN),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="stats cache (default: $PATCHCSRA_CACHE "
+                                             "or ~/.cache/patchcsra)", rich_help_panel=RUN),
+    no_cache: bool = typer.Option(False, "--no-cache", help="do not read or write the stats cache",
+                                  rich_help_panel=RUN),
+    arch: Arch = None, weights: Weights = None, num_classes: NumClasses = None, pretrained: Pretrained = True,
+    trust: Trust = False, force: Force = False,
+) -> None:
+    """Sweep λ (and T) over a dataset in one forward pass; write a Table-1 report."""
+    from .. import dist
+    from ..api import default_cache_dir, sweep_lambda as run_sweep
+    from ..options import CollectOptions, DEFAULT_LAMS, SweepOptions
+
+    distributed = dist.init_from_env()
+    if distributed and device == "auto":
+        device = dist.local_device() or "cpu"
+    try:
+        check_out(out_dir, "--out", run_inputs(data, source, weights, class_map))
+        if out_dir.exists() and not force:
+            raise PatchCSRAError(f"--out {out_dir} exists; pass --force to overwrite it")
+        if not data.exists():
+            raise PatchCSRAError(f"--data {data} does not exist")
+        if difficult not in ("ignore", "positive"):
+            raise PatchCSRAError(f"--difficult {difficult!r}: choose ignore or positive")
+        grid = SweepOptions(lams=tuple(parse_floats(lams, "--lams") or DEFAULT_LAMS),
+                            temperatures=tuple(parse_floats(temperatures, "--temperatures") or ()),
+                            fixed_lam=None if fixed_lam is None else parse_float(fixed_lam, "--fixed-lam"),
+                            metric=metric, folds=folds, bootstrap=bootstrap, seed=seed)
+        tf = transform_overrides(img_size, input_size, crop_pct, interpolation, mean, std)
+        opts = CollectOptions(batch_size=batch_size, device=device, amp=amp, channels_last=channels_last,
+                              workers=workers, cache_dir=None if no_cache else (cache_dir or default_cache_dir()))
+        with _collect_progress(not dist.is_main()) as cb:
+            run = run_sweep(model_source(source, arch, weights, num_classes, pretrained, trust), data, split=split,
+                            data_format=data_format, difficult=difficult, class_map=class_map, skip_bad=skip_bad,
+                            grid=grid, transform=tf, options=opts, progress=cb)
+        if run is None:  # another torchrun rank wrote nothing; rank 0 writes the run
+            return
+        run.write(out_dir, force=force)
+    except PatchCSRAError as e:
+        fail(e)
+    _report(run.summary, out_dir, batch_size)
+
+
+class _collect_progress:
+    """A progress bar on stderr for the pass (``with ... as cb``: ``cb(done, total)``), with images/s."""
+
+    def __init__(self, disable: bool) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=err,
+                                 transient=True, disable=disable)
+        self.t0: Optional[tuple[float, int]] = None
+
+    def __enter__(self):
+        self.progress.__enter__()
+        self.task = self.progress.add_task("collecting", total=None, rate="")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if self.t0 is None:
+            self.t0 = (now, done)
+        rate = (done - self.t0[1]) / max(now - self.t0[0], 1e-9)
+        self.progress.update(self.task, completed=done, total=total, rate=f"{rate:.1f} img/s" if rate else "")
+
+
+def _report(s: dict, out_dir: Path, batch_size: int) -> None:
+    """Warnings and notes of a finished run, then its Table 1."""
+    from ..report import rich_table, table_frame
+
+    bad = s["images"]["bad"]
+    if bad:
+        err.print(f"[bold yellow]warning:[/] skipped {bad} unreadable image(s): "
+                  f"{', '.join(s['images']['bad_ids'][:5])}", highlight=False)
+    if s["classes"]["without_positives"]:
+        err.print(f"[yellow]note:[/] classes without positives (left out of mAP): "
+                  f"{', '.join(s['classes']['without_positives'])}", highlight=False)
+    c = s["collect"]
+    if c.get("oom_retries"):
+        err.print(f"[yellow]note:[/] CUDA ran out of memory {c['oom_retries']} time(s) at batch size {batch_size}; "
+                  f"collected at batch size {c['batch_size']}", highlight=False)
+    out.print(rich_table(table_frame([s]), title=f"{s['model']['name']} on {s['dataset']['name']}"))
+    out.print(f"[green]wrote[/] {out_dir}/ ({s['images']['scored']} images; pass: {c['forward_images']} forward, "
+              f"{c['seconds']:.1f} s on {c['device']})", highlight=False)
