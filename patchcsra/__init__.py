@@ -29,16 +29,16 @@ _API = {
 
 __all__ = ["__version__", *_API]
 
-if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load lazily  # noqa: F401
-    from .api import prepare, sweep_lambda
-    from .training import AttentionPoolHead, CSRAHead, attach_head
-    from .errors import DatasetError, HeadNotFoundError, PatchCSRAError, SourceError, TrustError
-    from .export import save_patched
-    from .grid import sweep
-    from .patcher import describe, patch, residual_attention
-    from .sources import load
-    from .stats import collect
-    from .training import TrainConfig, train_head
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load lazily
+    from .api import prepare, sweep_lambda  # noqa: F401
+    from .training import AttentionPoolHead, CSRAHead, attach_head  # noqa: F401
+    from .errors import DatasetError, HeadNotFoundError, PatchCSRAError, SourceError, TrustError  # noqa: F401
+    from .export import save_patched  # noqa: F401
+    from .grid import sweep  # noqa: F401
+    from .patcher import describe, patch, residual_attention  # noqa: F401
+    from .sources import load  # noqa: F401
+    from .stats import collect  # noqa: F401
+    from .training import TrainConfig, train_head  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -180,20 +180,29 @@ def sweep(stats: Stats, *, options: Optional[SweepOptions] = None, top_k: int = 
     grid = list(zip(frame["lam"].tolist(), frame["temperature"].tolist()))
     base_row = frame[(frame["lam"] == 0.0) & np.isinf(frame["temperature"])].iloc[0]
     baseline = {k: float(v) for k, v in base_row.items() if k not in ("lam", "temperature")}
-    b0 = baseline[metric]
-    primary = _primary(stats, metric, top_k)
-
     i_best = _argbest(frame[metric].tolist(), grid)
     oracle = (grid[i_best][0], grid[i_best][1], float(frame[metric].iloc[i_best]))
     fixed_row = frame[(frame["lam"] == fixed_lam) & np.isinf(frame["temperature"])].iloc[0]
     fixed = (fixed_lam, math.inf, float(fixed_row[metric]))
+    choices = _choices(stats, rows, grid, baseline[metric], oracle, fixed, _primary(stats, metric, top_k),
+                       folds, bootstrap, seed)
+    per_class = _per_class(stats, rows, oracle[0], oracle[1], fixed_lam)
+    settings = {"lams": lam_set, "temperatures": [temperature_json(t) for t in temps], "fixed_lam": fixed_lam,
+                "metric": metric, "folds": int(folds), "bootstrap": int(bootstrap), "seed": int(seed),
+                "top_k": int(top_k), "threshold": 0.5}
+    return SweepResult(frame=frame, metric=metric, baseline=baseline, choices=choices, stats=stats,
+                       per_class=per_class, settings=settings)
 
+
+def _choices(stats: Stats, rows: np.ndarray, grid: list[tuple[float, float]], b0: float,
+             oracle: tuple[float, float, float], fixed: tuple[float, float, float], primary, folds: int,
+             bootstrap: int, seed: int) -> dict[str, Choice]:
+    """The oracle, fixed and (``folds > 1``) cross-validated choices, each with its paired bootstrap CI."""
     cv = None
     if folds and folds > 1:
         k = min(int(folds), int(rows.sum()))
         if k >= 2:
             cv = _cross_validate(stats, grid, rows, k, seed, primary, int(bootstrap))
-
     w = M.bootstrap_weights(int(rows.sum()), int(bootstrap), seed) if bootstrap and bootstrap > 0 else None
     base_boot = primary(stats.base, rows, w) if w is not None else None
 
@@ -218,12 +227,7 @@ def sweep(stats: Stats, *, options: Optional[SweepOptions] = None, top_k: int = 
                                     "chosen on the other folds; Δ is the mean per-fold Δ, score = baseline + Δ; "
                                     "lam/temperature are the per-fold median / most chosen",
                                per_fold=per_fold)
-    per_class = _per_class(stats, rows, oracle[0], oracle[1], fixed_lam)
-    settings = {"lams": lam_set, "temperatures": [temperature_json(t) for t in temps], "fixed_lam": fixed_lam,
-                "metric": metric, "folds": int(folds), "bootstrap": int(bootstrap), "seed": int(seed),
-                "top_k": int(top_k), "threshold": 0.5}
-    return SweepResult(frame=frame, metric=metric, baseline=baseline, choices=choices, stats=stats,
-                       per_class=per_class, settings=settings)
+    return choices
 
 
 def _cross_validate(stats: Stats, grid: list[tuple[float, float]], rows: np.ndarray, k: int, seed: int,

@@ -4,7 +4,7 @@
   ``y_att(T)`` for a list of temperatures, plus targets, ids and which images decoded (``ok``).
   ``Stats.scores(lam, T)`` is ``base + lam * att(T)``: every grid point after the pass is free.
 * :func:`collect` -- run the backbone once per image (AMP + channels_last + pinned memory on GPU),
-  writing parts of the result to a cache entry keyed by the model / dataset / transform / class
+  writing parts of the result to a cache entry (:mod:`patchcsra.cache`) keyed by the model / dataset / transform / class
   map fingerprint. An interrupted run resumes at its last saved part; a later call whose
   temperatures are already in a cached entry does no forward pass at all.
 * :func:`model_fingerprint` -- a hash of a module's class, parameters and buffers.
@@ -12,19 +12,16 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._io import torch_save, write_bytes
+from .cache import CacheEntry, alloc_rows, digest, mark_complete, open_entry, row_shapes
 from .runtime import OOM_ERRORS, default_workers, resolve_amp, resolve_device
 from .errors import DatasetError, PatchCSRAError
 from .options import CollectOptions, split_options
@@ -123,107 +120,6 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _digest(obj: object) -> str:
-    return hashlib.blake2b(json.dumps(obj, sort_keys=True, default=str).encode(), digest_size=16).hexdigest()
-
-
-# ----------------------------------------------------------------------------- cache
-class _Entry:
-    """A cache entry: ``meta.json`` + ``part-<start>-<end>.pt`` files, each written atomically."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def meta(self) -> Optional[dict]:
-        try:
-            return json.loads((self.path / "meta.json").read_text())
-        except (OSError, ValueError):
-            return None
-
-    def write_meta(self, meta: dict) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        write_bytes(self.path / "meta.json", json.dumps(meta, indent=1, default=str).encode())
-
-    def parts(self) -> list[tuple[int, int, Path]]:
-        out = []
-        for p in self.path.glob("part-*.pt"):
-            try:
-                a, b = p.stem.split("-")[1:3]
-                out.append((int(a), int(b), p))
-            except ValueError:
-                continue
-        return sorted(out)
-
-    def done(self) -> int:
-        """Images ``[0, done)`` are stored contiguously."""
-        n = 0
-        for a, b, _ in self.parts():
-            if a != n:
-                break
-            n = b
-        return n
-
-    def save_part(self, start: int, part: dict[str, Tensor]) -> None:
-        end = start + int(part["base"].shape[0])
-        torch_save(part, self.path / f"part-{start:09d}-{end:09d}.pt")
-
-    def load_into(self, out: dict[str, Tensor]) -> int:
-        """Copy the contiguous stored parts into ``out``'s rows (preallocated, ``N`` rows); returns rows filled."""
-        stop = 0
-        for a, b, p in self.parts():
-            if a != stop:
-                break
-            for k, v in torch.load(p, weights_only=True).items():
-                out[k][a:b] = v
-            stop = b
-        return stop
-
-    def load(self, n: int, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, Tensor]:
-        """All ``n`` rows; ``shapes`` maps each key to its per-row shape and dtype."""
-        out = _alloc(n, shapes)
-        stop = self.load_into(out)
-        if stop != n:
-            raise PatchCSRAError(f"stats cache {self.path} is incomplete ({stop}/{n} images); delete it and rerun")
-        return out
-
-
-def _row_shapes(c: int, n_t: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Per-image shapes of the stored statistics for ``c`` classes and ``n_t`` temperatures."""
-    return {"base": ((c,), torch.float32), "max": ((c,), torch.float32), "att": ((c, n_t), torch.float32),
-            "ok": ((), torch.bool)}
-
-
-def _alloc(n: int, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, Tensor]:
-    """Zeroed ``(n, *shape)`` tensors, one per key: the stats are written in place, never concatenated."""
-    return {k: torch.zeros((n,) + shape, dtype=dtype) for k, (shape, dtype) in shapes.items()}
-
-
-def _find_entry(root: Path, key: str, temps: Sequence[float]) -> Optional[_Entry]:
-    """A cached entry with the same key whose temperatures cover ``temps`` (complete ones first)."""
-    best: Optional[tuple[int, _Entry]] = None
-    for d in sorted(root.glob(f"{key[:24]}-*")):
-        e = _Entry(d)
-        m = e.meta()
-        if not m or m.get("key") != key:
-            continue
-        have = {float(t) for t in m["temperatures"]}
-        if not set(float(t) for t in temps) <= have:
-            continue
-        rank = 0 if m.get("complete") else 1
-        if best is None or rank < best[0]:
-            best = (rank, e)
-    return best[1] if best else None
-
-
-def _known_temperatures(root: Path, key: str) -> set[float]:
-    out: set[float] = set()
-    for d in root.glob(f"{key[:24]}-*"):
-        m = _Entry(d).meta()
-        if m and m.get("key") == key:
-            out |= {float(t) for t in m["temperatures"]}
-    return out
-
-
 # ----------------------------------------------------------------------------- collect
 def collect(patched: PatchedClassifier, dataset, *, temperatures: Sequence[float] = (math.inf,),
             class_index: Optional[Sequence[int]] = None, options: Optional[CollectOptions] = None,
@@ -301,7 +197,7 @@ def _plan(patched: PatchedClassifier, dataset, temperatures: Sequence[float], cl
     index = list(range(c_model)) if class_index is None else [int(i) for i in class_index]
     if len(index) != len(dataset.classes):
         raise PatchCSRAError(f"class_index has {len(index)} entries for {len(dataset.classes)} dataset classes")
-    key = _digest({"v": STATS_VERSION, "model": model_fingerprint(patched.split), "data": dataset.fingerprint(),
+    key = digest({"v": STATS_VERSION, "model": model_fingerprint(patched.split), "data": dataset.fingerprint(),
                    "index": index, "amp": str(amp_dtype), "extra": fingerprint})
     workers = default_workers() if opts.workers is None else int(opts.workers)
     return _Plan(patched, dataset, index, temps, temps_req, opts, dev, amp_dtype, workers, key, fingerprint)
@@ -310,9 +206,9 @@ def _plan(patched: PatchedClassifier, dataset, temperatures: Sequence[float], cl
 def _collect_single(p: _Plan, progress: Optional[Progress]) -> Stats:
     """One process: resume from the cache entry's stored parts, run the rest, mark the entry complete."""
     cache_dir = p.options.cache_dir
-    entry = _open_entry(cache_dir, p.key, p.temps, p.temps_req, p.n, p.fingerprint) if cache_dir is not None else None
+    entry = open_entry(cache_dir, p.key, p.temps, p.temps_req, p.n, p.fingerprint) if cache_dir is not None else None
     temps = p.temps if entry is None else sorted(float(t) for t in entry.meta()["temperatures"])  # type: ignore[index]
-    data = _alloc(p.n, _row_shapes(len(p.index), len(temps)))
+    data = alloc_rows(p.n, row_shapes(len(p.index), len(temps)))
     start = entry.load_into(data) if entry is not None else 0
     if start:
         _logger.info("resuming %s at image %d/%d", entry.path if entry else "", start, p.n)
@@ -320,32 +216,11 @@ def _collect_single(p: _Plan, progress: Optional[Progress]) -> Stats:
     if start < p.n:
         used = _run(p, list(range(start, p.n)), temps, {k: v[start:] for k, v in data.items()}, entry, progress)
     if entry is not None:
-        _mark_complete(entry)
+        mark_complete(entry)
     return _stats(p, data, temps, entry, p.n - start, used=used)
 
 
-def _open_entry(cache_dir: Union[str, Path], key: str, temps: list[float], temps_req: set[float], n: int,
-                fingerprint: Optional[dict]) -> _Entry:
-    """The cached entry covering ``temps_req`` (to load or resume), or a new one for ``temps``."""
-    root = Path(cache_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    entry = _find_entry(root, key, temps_req)
-    if entry is None:
-        temps = sorted(set(temps) | _known_temperatures(root, key))
-        entry = _Entry(root / f"{key[:24]}-{_digest(temps)[:8]}")
-        entry.write_meta({"key": key, "n": n, "temperatures": [str(t) for t in temps], "complete": False,
-                          "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "fingerprint": fingerprint or {}})
-    return entry
-
-
-def _mark_complete(entry: _Entry) -> None:
-    m = entry.meta() or {}
-    if not m.get("complete"):
-        m["complete"] = True
-        entry.write_meta(m)
-
-
-def _stats(p: _Plan, data: dict[str, Tensor], temps: Sequence[float], entry: Optional[_Entry], forward_images: int,
+def _stats(p: _Plan, data: dict[str, Tensor], temps: Sequence[float], entry: Optional[CacheEntry], forward_images: int,
            world: int = 1, used: Optional[tuple[int, int]] = None) -> Stats:
     """``used``: ``(batch size the pass ended at, out-of-memory retries)`` from :func:`_run`."""
     ds = p.dataset
@@ -369,23 +244,23 @@ def _collect_distributed(p: _Plan, progress: Optional[Progress]) -> Optional[Sta
 
     n, temps, entry = p.n, p.temps, None
     if dist.is_main() and p.options.cache_dir is not None:
-        entry = _open_entry(p.options.cache_dir, p.key, temps, p.temps_req, n, p.fingerprint)
+        entry = open_entry(p.options.cache_dir, p.key, temps, p.temps_req, n, p.fingerprint)
     have = dist.broadcast(None if entry is None else (entry.done() == n, entry.meta()["temperatures"]))  # type: ignore[index]
     if have is not None:
         temps = sorted(float(t) for t in have[1])
         if have[0]:
-            return _stats(p, entry.load(n, _row_shapes(len(p.index), len(temps))),  # type: ignore[union-attr]
+            return _stats(p, entry.load(n, row_shapes(len(p.index), len(temps))),  # type: ignore[union-attr]
                           temps, entry, 0, dist.world_size()) if dist.is_main() else None
     mine = dist.shard(n)
-    shapes = _row_shapes(len(p.index), len(temps))
-    part = _alloc(len(mine), shapes)
+    shapes = row_shapes(len(p.index), len(temps))
+    part = alloc_rows(len(mine), shapes)
     used = (p.options.batch_size, 0)
     if mine:
         used = _run(p, mine, temps, part, None, progress)
     gathered = dist.gather_to_main((mine, part))
     if not dist.is_main():
         return None
-    data = _alloc(n, shapes)
+    data = alloc_rows(n, shapes)
     for rows, got in gathered:  # type: ignore[union-attr]
         if rows:
             r = torch.as_tensor(rows, dtype=torch.long)
@@ -395,7 +270,7 @@ def _collect_distributed(p: _Plan, progress: Optional[Progress]) -> Optional[Sta
         for _, _, old in entry.parts():  # a partial single-process pass is superseded by the whole one
             old.unlink()
         entry.save_part(0, data)
-        _mark_complete(entry)
+        mark_complete(entry)
     return _stats(p, data, temps, entry, n, dist.world_size(), used=used)
 
 
@@ -460,7 +335,7 @@ def _forward_chunks(forward: Callable[[Tensor, slice], None], x: Tensor, at: int
     return bs, retries
 
 
-def _run(p: _Plan, rows: list[int], temps: Sequence[float], out: dict[str, Tensor], entry: Optional[_Entry],
+def _run(p: _Plan, rows: list[int], temps: Sequence[float], out: dict[str, Tensor], entry: Optional[CacheEntry],
          progress: Optional[Progress]) -> tuple[int, int]:
     """Forward ``dataset[rows]`` and write row ``i`` of every ``out`` tensor for ``rows[i]`` (in place).
 

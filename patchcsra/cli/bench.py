@@ -53,8 +53,14 @@ def bench(
             rows = B.check_results(record, expected)
     except PatchCSRAError as e:
         fail(e)
-    if check is None:
-        return
+    if check is not None:
+        _gate(rows, check, expected, record)
+
+
+def _gate(rows: list, check: Path, expected: dict, record: dict) -> None:
+    """The check's diff table, what moved in the environment, and exit 1 on any failed row."""
+    from ..provenance import environment_diff
+
     t = Table(title=f"regression check against {check}")
     for c in ("case", "metric", "field", "expected", "got", "diff", "tolerance", "status"):
         t.add_column(c, justify="right" if c in ("expected", "got", "diff", "tolerance") else "left")
@@ -64,16 +70,14 @@ def bench(
                   "[green]ok[/]" if r.ok else "[bold red]FAIL[/]")
     out.print(t)
     bad = [r for r in rows if not r.ok]
-    from ..provenance import environment_diff
-
-    moved = environment_diff(expected.get("environment"), record.get("environment"))  # type: ignore[union-attr]
+    moved = environment_diff(expected.get("environment"), record.get("environment"))
     if moved:
         (err if bad else out).print(
             f"{'[bold red]' if bad else ''}environment differs from {check}{'[/]' if bad else ''} (what can move a "
             "figure): " + "; ".join(f"{k} {a} -> {b}" for k, a, b in moved), highlight=False, soft_wrap=True)
     if bad:
         err.print(f"[bold red]regression:[/] {len(bad)} of {len(rows)} checks failed "
-                   f"({', '.join(sorted({f'{r.case}/{r.metric or r.field}' for r in bad}))})", highlight=False)
+                  f"({', '.join(sorted({f'{r.case}/{r.metric or r.field}' for r in bad}))})", highlight=False)
         raise typer.Exit(1)
     out.print(f"[green]all {len(rows)} checks passed[/]")
 

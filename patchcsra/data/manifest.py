@@ -191,6 +191,26 @@ def open_manifest(path: Path, split: Optional[str] = None, *, difficult: str = "
     else:
         wide_cols = _read_csv(f, rows)
         file_classes = None
+    _keep_split(rows, split, f)
+    names = _class_names(rows, f, classes, file_classes, wide_cols)
+    targets = _targets(rows, names, f, wide_cols, classes)
+    single = bool(all(isinstance(lab, list) for lab in rows.labels) and ((targets == 1).sum(axis=1) == 1).all())
+    root = f.parent
+    for i, where in zip(rows.ids, rows.where):
+        if not Path(i).is_absolute() and not _inside(root, root / i):
+            raise DatasetError(f"{where}: image path {i!r} points outside the manifest's folder {root}; "
+                               "give paths relative to it (or absolute paths)")
+    files = tuple(Path(i) if Path(i).is_absolute() else root / i for i in rows.ids)
+    name = f.stem if split is None else f"{f.stem}-{split}"
+    ds = ImageDataset(name=name, format="manifest", root=root, split=split, classes=tuple(names), files=files,
+                      ids=tuple(rows.ids), targets=targets, single_label=single)
+    if (targets == -1).any():
+        _logger.info("%s: %d unknown labels (-1) are ignored", f, int((targets == -1).sum()))
+    return ds
+
+
+def _keep_split(rows: "_Rows", split: Optional[str], f: Path) -> None:
+    """Keep the rows of ``split`` (all without one); refuse an empty manifest and images listed twice."""
     if split is not None:
         have = sorted({s for s in rows.splits if s is not None})
         if not have:
@@ -208,7 +228,10 @@ def open_manifest(path: Path, split: Optional[str] = None, *, difficult: str = "
             raise DatasetError(f"{w}: image {i!r} is listed twice (also {seen[i]}); list each image once")
         seen[i] = w
 
-    long_form = all(isinstance(lab, list) for lab in rows.labels)
+
+def _class_names(rows: "_Rows", f: Path, classes: Optional[Sequence[str]], file_classes: Optional[Sequence[str]],
+                 wide_cols: Optional[Sequence[str]]) -> list[str]:
+    """The classes: given, else the file's list, else the wide form's columns, else every label seen (sorted)."""
     if classes is not None:
         names = list(classes)
     elif file_classes is not None:
@@ -219,9 +242,20 @@ def open_manifest(path: Path, split: Optional[str] = None, *, difficult: str = "
         names = sorted({n for lab in rows.labels for n in lab})
     if not names:
         raise DatasetError(f"{f}: no class names (every row is unlabelled); pass classes= or label the rows")
-    col = {c: j for j, c in enumerate(names)}
-    if len(col) != len(names):
+    if len(set(names)) != len(names):
         raise DatasetError(f"{f}: a class name is given twice in the class list; give each once")
+    if wide_cols is not None and classes is not None:
+        absent = [c for c in names if c not in set(wide_cols)]
+        if absent:
+            raise DatasetError(f"classes={absent[:5]} are not columns of {f}; choose from {', '.join(wide_cols)}")
+    return names
+
+
+def _targets(rows: "_Rows", names: list[str], f: Path, wide_cols: Optional[Sequence[str]],
+             classes: Optional[Sequence[str]]) -> np.ndarray:
+    """``(N, C)`` int8 targets of the rows' labels; an unknown label is refused (wide form with ``classes``:
+    the columns outside the list are dropped)."""
+    col = {c: j for j, c in enumerate(names)}
     targets = np.zeros((len(rows.ids), len(names)), dtype=np.int8)
     for k, (lab, where) in enumerate(zip(rows.labels, rows.where)):
         items = ((n, 1) for n in lab) if isinstance(lab, list) else lab.items()
@@ -229,28 +263,12 @@ def open_manifest(path: Path, split: Optional[str] = None, *, difficult: str = "
             j = col.get(n)
             if j is None:
                 if wide_cols is not None and classes is not None:
-                    continue  # wide form: columns outside an explicit class list are dropped
+                    continue
                 raise DatasetError(f"{where}: label {n!r} is not a known class ({len(names)} classes: "
                                    f"{', '.join(names[:8])}{' ...' if len(names) > 8 else ''}); fix the row or "
                                    "pass classes=")
             targets[k, j] = v
-    if wide_cols is not None and classes is not None:
-        absent = [c for c in names if c not in set(wide_cols)]
-        if absent:
-            raise DatasetError(f"classes={absent[:5]} are not columns of {f}; choose from {', '.join(wide_cols)}")
-    single = bool(long_form and ((targets == 1).sum(axis=1) == 1).all())
-    root = f.parent
-    for i, where in zip(rows.ids, rows.where):
-        if not Path(i).is_absolute() and not _inside(root, root / i):
-            raise DatasetError(f"{where}: image path {i!r} points outside the manifest's folder {root}; "
-                               "give paths relative to it (or absolute paths)")
-    files = tuple(Path(i) if Path(i).is_absolute() else root / i for i in rows.ids)
-    name = f.stem if split is None else f"{f.stem}-{split}"
-    ds = ImageDataset(name=name, format="manifest", root=root, split=split, classes=tuple(names), files=files,
-                      ids=tuple(rows.ids), targets=targets, single_label=single)
-    if (targets == -1).any():
-        _logger.info("%s: %d unknown labels (-1) are ignored", f, int((targets == -1).sum()))
-    return ds
+    return targets
 
 
 register_format("manifest", detect=detect_manifest, open=open_manifest, priority=30)
