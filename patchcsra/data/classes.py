@@ -110,11 +110,9 @@ def model_label_names(model: Any) -> Optional[list[str]]:
     names = _from_records(model, ("label_names", "categories"))
     if names:
         return names
-    target = _unwrap(model)
-    cfg = _timm_cfg(target)
+    target, cfg, names = _timm_label_names(model)
     if cfg is None:
         return None
-    names = _as_list(cfg.get("label_names"))
     if names:
         if not all(_WNID_RE.match(n) for n in names):
             return names
@@ -131,6 +129,13 @@ def model_label_names(model: Any) -> Optional[list[str]]:
     return [_lemma(d) for d in info.label_descriptions()]
 
 
+def _timm_label_names(model: Any) -> tuple[Any, Optional[Mapping], Optional[list[str]]]:
+    """``(the unwrapped model, its timm pretrained_cfg or None, the cfg's label_names or None)``."""
+    target = _unwrap(model)
+    cfg = _timm_cfg(target)
+    return target, cfg, (_as_list(cfg.get("label_names")) if cfg is not None else None)
+
+
 def model_label_ids(model: Any) -> Optional[list[str]]:
     """Dataset ids of the model outputs (WordNet ids such as ``'n01440764'``), or ``None`` when unknown.
 
@@ -139,11 +144,9 @@ def model_label_ids(model: Any) -> Optional[list[str]]:
     ids = _from_records(model, ("label_ids",))
     if ids:
         return ids
-    target = _unwrap(model)
-    cfg = _timm_cfg(target)
+    target, cfg, names = _timm_label_names(model)
     if cfg is None:
         return None
-    names = _as_list(cfg.get("label_names"))
     if names and all(_WNID_RE.match(n) for n in names):
         return names
     if names:

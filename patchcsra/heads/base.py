@@ -220,6 +220,17 @@ def register_adapter(name: str, *, priority: int, matches: Callable[[nn.Module],
     return deco
 
 
+def is_instance_of(model: nn.Module, module: str, name: str) -> bool:
+    """``isinstance(model, module.name)`` without importing a library that is not installed (False then)."""
+    import importlib
+
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):  # pragma: no cover
+        return False
+    return isinstance(model, cls)
+
+
 def list_adapters() -> list[Adapter]:
     """Registered adapters in the order discovery tries them (the package face, :mod:`patchcsra.heads`,
     imports the built-in ones; this registry knows none of them)."""

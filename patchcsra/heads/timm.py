@@ -18,7 +18,7 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from .base import HeadSplit, register_adapter
+from .base import HeadSplit, is_instance_of, register_adapter
 
 __all__ = ["TimmSplit"]
 
@@ -146,11 +146,7 @@ def build_timm(model: nn.Module, x: Tensor) -> Iterator[HeadSplit]:
 
 
 def _is_timm_pit(model: nn.Module) -> bool:
-    try:
-        from timm.models.pit import PoolingVisionTransformer
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(model, PoolingVisionTransformer)
+    return is_instance_of(model, "timm.models.pit", "PoolingVisionTransformer")
 
 
 class TimmPitSplit(TimmSplit):

@@ -14,17 +14,13 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from .base import HeadSplit, register_adapter
+from .base import HeadSplit, is_instance_of, register_adapter
 
 __all__ = ["TorchvisionViTSplit"]
 
 
 def _is_tv_vit(model: nn.Module) -> bool:
-    try:
-        from torchvision.models.vision_transformer import VisionTransformer
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(model, VisionTransformer)
+    return is_instance_of(model, "torchvision.models.vision_transformer", "VisionTransformer")
 
 
 class TorchvisionViTSplit(HeadSplit):
