@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import PatchCSRAError
-from ..patcher import attention_weights, check_lam, residual_attention, temperature_json
+from ..patcher import attention_weights, check_lam, residual_attention, temperature_json, temperature_text
 
 __all__ = ["TEMPERATURE_SETS", "HEADS", "HEAD_KINDS", "class_scores", "CSRAHead", "AttentionPoolHead", "LinearHead"]
 INF = math.inf
@@ -218,7 +218,7 @@ class CSRAHead(nn.Module):
                 "lam": self.lam, "normalized": True}
 
     def extra_repr(self) -> str:
-        ts = ", ".join("inf" if math.isinf(t) else f"{t:g}" for t in self.temperatures)
+        ts = ", ".join(temperature_text(t) for t in self.temperatures)
         return f"in_dim={self.in_dim}, num_classes={self.num_classes}, heads={self.heads}, lam={self.lam:g}, T=({ts})"
 
 
