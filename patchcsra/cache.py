@@ -7,7 +7,9 @@ a request (complete ones first) or makes a new one covering every temperature th
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -19,27 +21,56 @@ from ._io import torch_save, write_bytes
 from .errors import PatchCSRAError
 
 __all__ = ["CacheEntry", "open_entry", "find_entry", "known_temperatures", "mark_complete", "row_shapes",
-           "alloc_rows", "digest"]
+           "alloc_rows", "digest", "part_digest", "valid_meta"]
+
+_logger = logging.getLogger(__name__)
 
 
 def digest(obj: object) -> str:
     """A short blake2b of ``obj`` as sorted JSON (the cache key of a run's facts)."""
-    import hashlib
-
     return hashlib.blake2b(json.dumps(obj, sort_keys=True, default=str).encode(), digest_size=16).hexdigest()
 
 
+def part_digest(part: dict[str, Tensor]) -> str:
+    """blake2b over every tensor of a part (name, shape, dtype, bytes): what :meth:`CacheEntry.load_into` checks."""
+    h = hashlib.blake2b(digest_size=20)
+    for k in sorted(part):
+        v = part[k].detach().cpu().contiguous()
+        h.update(f"{k}:{tuple(v.shape)}:{v.dtype}".encode())
+        if v.numel():
+            h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def valid_meta(m: object) -> bool:
+    """``meta.json`` as :func:`open_entry` writes it: ``key`` (str), ``n`` (int), ``temperatures`` (numbers)."""
+    if not isinstance(m, dict) or not isinstance(m.get("key"), str) or not isinstance(m.get("n"), int):
+        return False
+    ts = m.get("temperatures")
+    try:
+        return isinstance(ts, list) and bool(ts) and all(float(t) > 0 for t in ts)
+    except (TypeError, ValueError):
+        return False
+
+
 class CacheEntry:
-    """A cache entry: ``meta.json`` + ``part-<start>-<end>.pt`` files, each written atomically."""
+    """A cache entry: ``meta.json`` + ``part-<start>-<end>.pt`` files, each written atomically.
+
+    Every part carries its rows' tensors, the entry's key, its row range and a digest of its tensors; a
+    part that does not match (bytes changed, copied from another entry, truncated, unreadable) is dropped
+    with one warning naming it, together with the parts after it, and those rows are computed again.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
     def meta(self) -> Optional[dict]:
+        """``meta.json``, or None when it is missing, unreadable or not of the expected shape."""
         try:
-            return json.loads((self.path / "meta.json").read_text())
+            m = json.loads((self.path / "meta.json").read_text())
         except (OSError, ValueError):
             return None
+        return m if valid_meta(m) else None
 
     def write_meta(self, meta: dict) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -56,7 +87,7 @@ class CacheEntry:
         return sorted(out)
 
     def done(self) -> int:
-        """Images ``[0, done)`` are stored contiguously."""
+        """Images ``[0, done)`` are stored contiguously (by the parts' names; :meth:`load_into` checks them)."""
         n = 0
         for a, b, _ in self.parts():
             if a != n:
@@ -66,18 +97,67 @@ class CacheEntry:
 
     def save_part(self, start: int, part: dict[str, Tensor]) -> None:
         end = start + int(part["base"].shape[0])
-        torch_save(part, self.path / f"part-{start:09d}-{end:09d}.pt")
+        blob = {**part, "_key": self._key(), "_rows": [start, end], "_digest": part_digest(part)}
+        torch_save(blob, self.path / f"part-{start:09d}-{end:09d}.pt")
+
+    def _key(self) -> str:
+        m = self.meta() or {}
+        return f"{m.get('key')}/{self.path.name}"
+
+    def _check(self, blob: object, a: int, b: int, out: dict[str, Tensor], key: str) -> Optional[str]:
+        """Why a loaded part cannot be used (None: it can)."""
+        if not isinstance(blob, dict) or not all(isinstance(blob.get(k), Tensor) for k in out):
+            return "it is not a stats part"
+        if blob.get("_key") != key:
+            return "it belongs to another cache entry"
+        if blob.get("_rows") != [a, b]:
+            return f"its rows are not {a}-{b}"
+        for k, dst in out.items():
+            v = blob[k]
+            if tuple(v.shape) != (b - a,) + tuple(dst.shape[1:]) or v.dtype != dst.dtype:
+                return f"{k} has shape {tuple(v.shape)} {v.dtype}"
+        if blob.get("_digest") != part_digest({k: blob[k] for k in out}):
+            return "its bytes changed since it was written"
+        return None
 
     def load_into(self, out: dict[str, Tensor]) -> int:
-        """Copy the contiguous stored parts into ``out``'s rows (preallocated, ``N`` rows); returns rows filled."""
-        stop = 0
-        for a, b, p in self.parts():
-            if a != stop:
+        """Copy the contiguous, verified stored parts into ``out``'s rows (preallocated, ``N`` rows).
+
+        Returns the rows filled. The first part that fails its check is removed with the parts after it,
+        with one warning naming it.
+        """
+        stop, key = 0, self._key()
+        parts = self.parts()
+        for i, (a, b, p) in enumerate(parts):
+            if a != stop or b > out["base"].shape[0]:
                 break
-            for k, v in torch.load(p, weights_only=True).items():
-                out[k][a:b] = v
+            try:
+                blob = torch.load(p, weights_only=True)
+                why = self._check(blob, a, b, out, key)
+            except Exception as e:  # noqa: BLE001  (truncated, random bytes, another format: recompute)
+                why = f"it cannot be read ({type(e).__name__})"
+            if why is not None:
+                _logger.warning("stats cache part %s is not used: %s; its images are computed again", p, why)
+                self.drop_from(a)
+                break
+            for k in out:
+                out[k][a:b] = blob[k]
             stop = b
         return stop
+
+    def drop_from(self, row: int) -> int:
+        """Remove every part that ends after ``row``; returns where the kept parts end (the resume point)."""
+        keep = 0
+        for a, b, p in self.parts():
+            if b > row:
+                p.unlink(missing_ok=True)
+            elif a == keep:
+                keep = b
+        m = self.meta()
+        if m is not None and m.get("complete"):
+            m["complete"] = False
+            self.write_meta(m)
+        return keep
 
     def load(self, n: int, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, Tensor]:
         """All ``n`` rows; ``shapes`` maps each key to its per-row shape and dtype."""

@@ -210,6 +210,10 @@ def _collect_single(p: _Plan, progress: Optional[Progress]) -> Stats:
     temps = p.temps if entry is None else sorted(float(t) for t in entry.meta()["temperatures"])  # type: ignore[index]
     data = alloc_rows(p.n, row_shapes(len(p.index), len(temps)))
     start = entry.load_into(data) if entry is not None else 0
+    unread = torch.nonzero(~data["ok"][:start]).flatten()
+    if entry is not None and len(unread):  # a file unreadable once may be readable now: never cached as bad
+        _logger.warning("%d image(s) the stats cache holds as unreadable are read again", len(unread))
+        start = entry.drop_from(int(unread[0]))
     if start:
         _logger.info("resuming %s at image %d/%d", entry.path if entry else "", start, p.n)
     used = (p.options.batch_size, 0)
@@ -242,15 +246,19 @@ def _collect_distributed(p: _Plan, progress: Optional[Progress]) -> Optional[Sta
     """
     from . import dist
 
-    n, temps, entry = p.n, p.temps, None
+    n, temps, entry, cached = p.n, p.temps, None, None
     if dist.is_main() and p.options.cache_dir is not None:
         entry = open_entry(p.options.cache_dir, p.key, temps, p.temps_req, n, p.fingerprint)
-    have = dist.broadcast(None if entry is None else (entry.done() == n, entry.meta()["temperatures"]))  # type: ignore[index]
+        temps = sorted(float(t) for t in entry.meta()["temperatures"])  # type: ignore[index]
+        if entry.done() == n:  # verified part by part; an image cached as unreadable is read again
+            cached = alloc_rows(n, row_shapes(len(p.index), len(temps)))
+            if entry.load_into(cached) != n or not bool(cached["ok"].all()):
+                cached = None
+    have = dist.broadcast(None if entry is None else (cached is not None, [str(t) for t in temps]))
     if have is not None:
         temps = sorted(float(t) for t in have[1])
         if have[0]:
-            return _stats(p, entry.load(n, row_shapes(len(p.index), len(temps))),  # type: ignore[union-attr]
-                          temps, entry, 0, dist.world_size()) if dist.is_main() else None
+            return _stats(p, cached, temps, entry, 0, dist.world_size()) if dist.is_main() else None  # type: ignore[arg-type]
     mine = dist.shard(n)
     shapes = row_shapes(len(p.index), len(temps))
     part = alloc_rows(len(mine), shapes)

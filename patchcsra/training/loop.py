@@ -307,8 +307,12 @@ def _checkpoint(run: _Run) -> Optional[dict]:
     path = run.out / CHECKPOINT
     if not path.exists():
         return None
-    state = torch.load(path, weights_only=False)
-    if state.get("key") != run.key:
+    try:  # tensors, numbers and strings only: a planted pickle payload never runs
+        state = torch.load(path, weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise PatchCSRAError(f"{path} is not a checkpoint train-head wrote ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:120] if str(e) else ''}); use another --out or --force") from None
+    if not isinstance(state, dict) or state.get("key") != run.key:
         raise PatchCSRAError(f"{path} belongs to another run (config, data or transform differ); "
                              "use another --out or --force")
     return state

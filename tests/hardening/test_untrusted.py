@@ -107,3 +107,46 @@ def test_refusal_happens_before_any_unpickling(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("refused:") and "--trust" in out.stdout
     assert not marker.exists()
+
+
+def test_a_payload_planted_as_the_resume_checkpoint_never_runs(tmp_path):
+    """train-head --resume reads OUT/checkpoint.pt as tensors and numbers only."""
+    import numpy as np
+    from PIL import Image
+
+    data = tmp_path / "data" / "train"
+    for c in ("a", "b"):
+        (data / c).mkdir(parents=True)
+        for j in range(3):
+            Image.fromarray(np.full((32, 32, 3), 60 * j, np.uint8)).save(data / c / f"{j}.png")
+    torch.manual_seed(0)
+    import custom_nets
+
+    src = tmp_path / "r.pt"
+    torch.save(custom_nets.resnet20(num_classes=2).state_dict(), src)
+    out, marker = tmp_path / "run", tmp_path / "MARKER"
+    out.mkdir()
+    torch.save({"key": "x", "epoch": 1, "payload": _Payload(marker)}, out / "checkpoint.pt")
+    r = runner.invoke(app, ["train-head", str(src), "--arch", "custom_nets:resnet20", "--num-classes", "2",
+                            "--input-size", "3,32,32", "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25",
+                            "--data", str(tmp_path / "data"), "--split", "train", "--epochs", "1", "--workers", "0",
+                            "--device", "cpu", "--out", str(out), "--resume"])
+    assert r.exit_code == 2 and "not a checkpoint train-head wrote" in " ".join(r.output.split())
+    assert not marker.exists()
+
+
+def test_the_package_unpickles_in_one_trusted_place_only():
+    """Every ``weights_only=False`` in patchcsra sits in ``sources._torch_load``, behind ``trust``."""
+    import ast
+    from pathlib import Path
+
+    root = Path(patchcsra.__file__).parent
+    found = []
+    for p in root.rglob("*.py"):
+        tree = ast.parse(p.read_text())
+        for fn in [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]:
+            for node in ast.walk(fn):
+                if isinstance(node, ast.keyword) and node.arg == "weights_only" and \
+                        isinstance(node.value, ast.Constant) and node.value.value is False:
+                    found.append((p.relative_to(root).as_posix(), fn.name))
+    assert sorted(set(found)) == [("sources.py", "_torch_load")]
