@@ -17,7 +17,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ._io import torch_save, write_bytes
+from ._io import describe_os_error, torch_save, write_bytes
 from .errors import PatchCSRAError
 
 __all__ = ["CacheEntry", "open_entry", "find_entry", "known_temperatures", "mark_complete", "row_shapes",
@@ -63,6 +63,7 @@ class CacheEntry:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.broken = False  # a write failed: the pass goes on without the cache and never marks it complete
 
     def meta(self) -> Optional[dict]:
         """``meta.json``, or None when it is missing, unreadable or not of the expected shape."""
@@ -220,7 +221,37 @@ def open_entry(cache_dir: Union[str, Path], key: str, temps: list[float], temps_
 
 
 def mark_complete(entry: CacheEntry) -> None:
+    if entry.broken:
+        return
     m = entry.meta() or {}
     if not m.get("complete"):
         m["complete"] = True
-        entry.write_meta(m)
+        try:
+            entry.write_meta(m)
+        except OSError as e:
+            _logger.warning("stats cache %s cannot be written (%s); it stays incomplete", entry.path,
+                            describe_os_error(e))
+
+
+def usable_entry(cache_dir: Union[str, Path], key: str, temps: list[float], temps_req: set[float], n: int,
+                 fingerprint: Optional[dict]) -> Optional[CacheEntry]:
+    """:func:`open_entry`, or None with one warning when the cache cannot be used (a file in its place, no
+    permission, a full or read-only disk): the pass then runs without it."""
+    try:
+        return open_entry(cache_dir, key, temps, temps_req, n, fingerprint)
+    except (OSError, PatchCSRAError) as e:
+        why = describe_os_error(e) if isinstance(e, OSError) else str(e)
+        _logger.warning("stats cache %s cannot be used (%s); running without it", cache_dir, why)
+        return None
+
+
+def save_part_or_give_up(entry: CacheEntry, start: int, part: dict[str, Tensor]) -> None:
+    """:meth:`CacheEntry.save_part`; on a failed write, one warning and the pass goes on without the cache."""
+    if entry.broken:
+        return
+    try:
+        entry.save_part(start, part)
+    except (OSError, PatchCSRAError) as e:
+        entry.broken = True
+        why = describe_os_error(e) if isinstance(e, OSError) else str(e)
+        _logger.warning("stats cache %s cannot be written (%s); the pass goes on without it", entry.path, why)

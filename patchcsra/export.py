@@ -18,7 +18,7 @@ from typing import Optional, Union
 
 import torch
 
-from ._io import atomic_path
+from ._io import atomic_path, ensure_space
 from .errors import ExportError
 from .heads.base import allclose_logits, probe_input
 from .sources import META_FILE
@@ -81,6 +81,8 @@ def save_module(module: torch.nn.Module, path: Union[str, os.PathLike], meta: di
     with torch.no_grad():
         expected = module(x_check)
     extra = {META_FILE: json.dumps(meta, indent=1, default=str)}
+    weights = sum(t.numel() * t.element_size() for t in module.state_dict().values() if isinstance(t, torch.Tensor))
+    ensure_space(path, int(weights * 1.1) + len(extra[META_FILE]))  # torch's archive writers abort on a full disk
     with atomic_path(path, force=force) as tmp, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if fmt == "torchscript":

@@ -27,6 +27,7 @@ __all__ = ["summary_record", "table_frame", "display_frame", "to_markdown", "to_
            "plot_curve", "write_run", "write_table", "read_run", "merge_runs", "RUN_FILES", "TABLE_COLUMNS"]
 
 RUN_FILES = ("results.csv", "per_class.csv", "summary.json", "table.md", "table.tex", "curve.png")
+TABLE_FILES = ("table.csv", "table.md", "table.tex")
 TABLE_COLUMNS = ("dataset", "resolution", "model", "metric", "n_images", "baseline",
                  "oracle_lam", "oracle_T", "oracle_score", "oracle_delta", "oracle_ci_low", "oracle_ci_high",
                  "fixed_lam", "fixed_score", "fixed_delta", "fixed_ci_low", "fixed_ci_high",
@@ -204,7 +205,7 @@ def write_table(table: pd.DataFrame, out_dir: Union[str, Path], *, force: bool =
         (tmp / "table.md").write_text(to_markdown(disp))
         (tmp / "table.tex").write_text(to_latex(disp))
 
-    return atomic_dir(out_dir, fill, force=force)
+    return atomic_dir(out_dir, fill, force=force, known=TABLE_FILES)
 
 
 def write_run(result: SweepResult, out_dir: Union[str, Path], summary: dict, *, force: bool = False) -> Path:
@@ -222,7 +223,7 @@ def write_run(result: SweepResult, out_dir: Union[str, Path], summary: dict, *, 
         (tmp / "table.tex").write_text(to_latex(disp))
         plot_curve(result.frame, summary, tmp / "curve.png")
 
-    return atomic_dir(out_dir, fill, force=force)
+    return atomic_dir(out_dir, fill, force=force, known=RUN_FILES)
 
 
 def read_run(run_dir: Union[str, Path]) -> dict:

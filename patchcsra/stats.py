@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .cache import CacheEntry, alloc_rows, digest, mark_complete, open_entry, row_shapes
+from .cache import CacheEntry, alloc_rows, digest, mark_complete, row_shapes, save_part_or_give_up, usable_entry
 from .runtime import OOM_ERRORS, default_workers, resolve_amp, resolve_device
 from .errors import DatasetError, PatchCSRAError
 from .options import CollectOptions, split_options
@@ -206,7 +206,7 @@ def _plan(patched: PatchedClassifier, dataset, temperatures: Sequence[float], cl
 def _collect_single(p: _Plan, progress: Optional[Progress]) -> Stats:
     """One process: resume from the cache entry's stored parts, run the rest, mark the entry complete."""
     cache_dir = p.options.cache_dir
-    entry = open_entry(cache_dir, p.key, p.temps, p.temps_req, p.n, p.fingerprint) if cache_dir is not None else None
+    entry = usable_entry(cache_dir, p.key, p.temps, p.temps_req, p.n, p.fingerprint) if cache_dir is not None else None
     temps = p.temps if entry is None else sorted(float(t) for t in entry.meta()["temperatures"])  # type: ignore[index]
     data = alloc_rows(p.n, row_shapes(len(p.index), len(temps)))
     start = entry.load_into(data) if entry is not None else 0
@@ -248,7 +248,8 @@ def _collect_distributed(p: _Plan, progress: Optional[Progress]) -> Optional[Sta
 
     n, temps, entry, cached = p.n, p.temps, None, None
     if dist.is_main() and p.options.cache_dir is not None:
-        entry = open_entry(p.options.cache_dir, p.key, temps, p.temps_req, n, p.fingerprint)
+        entry = usable_entry(p.options.cache_dir, p.key, temps, p.temps_req, n, p.fingerprint)
+    if entry is not None:
         temps = sorted(float(t) for t in entry.meta()["temperatures"])  # type: ignore[index]
         if entry.done() == n:  # verified part by part; an image cached as unreadable is read again
             cached = alloc_rows(n, row_shapes(len(p.index), len(temps)))
@@ -275,9 +276,12 @@ def _collect_distributed(p: _Plan, progress: Optional[Progress]) -> Optional[Sta
             for k in data:
                 data[k][r] = got[k]
     if entry is not None:
-        for _, _, old in entry.parts():  # a partial single-process pass is superseded by the whole one
-            old.unlink()
-        entry.save_part(0, data)
+        try:
+            for _, _, old in entry.parts():  # a partial single-process pass is superseded by the whole one
+                old.unlink()
+        except OSError:
+            entry.broken = True
+        save_part_or_give_up(entry, 0, data)
         mark_complete(entry)
     return _stats(p, data, temps, entry, n, dist.world_size(), used=used)
 
@@ -378,7 +382,7 @@ def _run(p: _Plan, rows: list[int], temps: Sequence[float], out: dict[str, Tenso
             out["ok"][done:done + x.shape[0]] = ok.bool()
             done += x.shape[0]
             if entry is not None and (done - saved >= opts.save_every or done == len(rows)):
-                entry.save_part(start + saved, {k: v[saved:done].clone() for k, v in out.items()})
+                save_part_or_give_up(entry, start + saved, {k: v[saved:done].clone() for k, v in out.items()})
                 saved = done
             if progress is not None:
                 progress(min(n, start + done * step), n)

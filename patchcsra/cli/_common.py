@@ -53,9 +53,11 @@ Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda[:N]", r
 Force = Annotated[bool, typer.Option("--force", help="overwrite the output if it exists", rich_help_panel=OUTPUT)]
 
 
-def fail(e: Union[str, PatchCSRAError]) -> None:
-    """One line on stderr, exit status 2."""
-    msg = str(e)
+def fail(e: Union[str, PatchCSRAError, OSError]) -> None:
+    """One line on stderr, exit status 2 (a file-system failure: the path and what the errno means)."""
+    from .._io import describe_os_error
+
+    msg = describe_os_error(e) if isinstance(e, OSError) else str(e)
     param = getattr(e, "param", None)
     if param and msg.startswith(f"{param}="):  # the API names its argument; the CLI user typed a flag
         msg = f"--{param.replace('_', '-')}=" + msg[len(param) + 1:]
@@ -115,7 +117,14 @@ def check_out(path: Path, flag: str, inputs: dict) -> None:
     The output folder is replaced as a whole, so it may be neither an input nor a folder holding one.
     Missing parent folders are created; a parent that is a file or not writable is refused.
     """
+    from .._io import check_name
+
     o = Path(os.path.abspath(path.expanduser()))
+    cwd = Path.cwd()
+    if o == cwd or o in cwd.parents:
+        raise PatchCSRAError(f"{flag} {path} is the current folder or one above it (the output folder is replaced "
+                             f"as a whole); choose a new folder, e.g. {flag} runs/NAME")
+    check_name(o)
     for what, p in inputs.items():
         if p is None or not Path(p).exists():
             continue

@@ -51,7 +51,7 @@ def bench(
             out.print(f"[green]wrote[/] {target}", highlight=False)
         if check is not None:
             rows = B.check_results(record, expected)
-    except PatchCSRAError as e:
+    except (PatchCSRAError, OSError) as e:
         fail(e)
     if check is not None:
         _gate(rows, check, expected, record)

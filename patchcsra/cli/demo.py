@@ -38,7 +38,7 @@ def demo(
 
             run = run_demo(out_dir, n_train=n_train, n_test=n_test, epochs=epochs, seed=seed,
                            retrain=True if retrain else None, force=force, progress=cb)
-    except PatchCSRAError as e:
+    except (PatchCSRAError, OSError) as e:
         fail(e)
     out.print(rich_table(table_frame([run.summary]), title="Table 1 (embedded default)"))
     out.print(f"[green]wrote[/] {out_dir}/run/ (results.csv, summary.json, table.md, table.tex, curve.png), "

@@ -34,7 +34,7 @@ def describe(
             _show(meta if as_json else record, as_json, source)
             return
         info = do_describe(model, input_size=size).as_dict()
-    except PatchCSRAError as e:
+    except (PatchCSRAError, OSError) as e:
         fail(e)
     record = {"patched": bool(meta), **({k: meta[k] for k in ("lam", "temperature", "source")} if meta else {}),
               **info}

@@ -50,7 +50,7 @@ def explain(
         with err.status("explaining"):
             paths = explain_to_dir(patched, [str(p) for p in images], out_dir, transform_spec=spec, classes=wanted,
                                    top_k=top_k, temperature=t_v, class_names=model_label_names(model), force=force)
-    except PatchCSRAError as e:
+    except (PatchCSRAError, OSError) as e:
         fail(e)
     pngs = [p for p in paths if p.suffix == ".png"]
     out.print(f"[green]wrote[/] {len(pngs)} picture(s) and their maps to {out_dir}/", highlight=False)

@@ -41,7 +41,7 @@ def patch(
         with err.status(f"writing {out_fmt} to {output}"):
             save_patched(patched, output, fmt=out_fmt, source={"spec": source, "arch": arch, "weights": weights},
                          force=force)
-    except PatchCSRAError as e:
+    except (PatchCSRAError, OSError) as e:
         fail(e)
     i = patched.info
     out.print(f"[green]wrote[/] {output} ({out_fmt}): {i.model_class.rsplit('.', 1)[-1]} head {i.kind} "

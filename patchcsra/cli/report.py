@@ -21,10 +21,15 @@ def report(
     try:
         if out_dir is not None:
             check_out(out_dir, "--out", {f"the run {r}": r for r in runs})
+            if force and (out_dir.exists() or out_dir.is_symlink()):
+                from .._io import replaceable_dir
+                from ..report import TABLE_FILES
+
+                replaceable_dir(out_dir, "--out", TABLE_FILES)
         table = merge_runs(runs)
         if out_dir is not None:
             write_table(table, out_dir, force=force)
-    except PatchCSRAError as e:
+    except (PatchCSRAError, OSError) as e:
         fail(e)
     out.print(rich_table(table, title="Table 1"))
     if out_dir is not None:

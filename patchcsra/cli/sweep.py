@@ -67,6 +67,11 @@ def sweep_lambda(
         check_out(out_dir, "--out", run_inputs(data, source, weights, class_map))
         if out_dir.exists() and not force:
             raise PatchCSRAError(f"--out {out_dir} exists; pass --force to overwrite it")
+        if out_dir.exists() or out_dir.is_symlink():  # before the pass: --force replaces only a run folder
+            from .._io import replaceable_dir
+            from ..report import RUN_FILES
+
+            replaceable_dir(out_dir, "--out", RUN_FILES)
         if not data.exists():
             raise PatchCSRAError(f"--data {data} does not exist")
         if difficult not in ("ignore", "positive"):
@@ -85,7 +90,7 @@ def sweep_lambda(
         if run is None:  # another torchrun rank wrote nothing; rank 0 writes the run
             return
         run.write(out_dir, force=force)
-    except PatchCSRAError as e:
+    except (PatchCSRAError, OSError) as e:
         fail(e)
     _report(run.summary, out_dir, batch_size)
 

@@ -82,7 +82,7 @@ def train_head(
                                                                    mean, std),
                                      resume=resume, force=force, device=device_arg(device), workers=workers,
                                      progress=cb)
-    except PatchCSRAError as e:
+    except (PatchCSRAError, OSError) as e:
         fail(e)
     if not dist.is_main():
         return

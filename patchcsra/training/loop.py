@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from .. import dist
 from .. import metrics as M
-from .._io import atomic_path, torch_save, write_text
+from .._io import atomic_path, replaceable_dir, torch_save, write_text
 from ..errors import PatchCSRAError
 from ..patcher import temperature_json
 from .attach import HeadedClassifier, attach_head
@@ -44,6 +44,8 @@ __all__ = ["TrainConfig", "TrainResult", "train_head", "carve_validation", "lr_f
 
 _logger = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
+#: everything train-head writes into its run directory (``--force`` replaces a folder holding only these)
+RUN_DIR_FILES = ("checkpoint.pt", "features.pt", "history.csv", "curve.png", "model.pt", "summary.json", "eval")
 FEATURES = "features.pt"
 
 Progress = Callable[[dict], None]
@@ -270,6 +272,8 @@ def _run_dir(out_dir: Union[str, Path], resume: bool, force: bool) -> Path:
     out = Path(out_dir)
     if out.exists() and not (resume or force):
         raise PatchCSRAError(f"{out} exists; pass --resume to continue it or --force to start over")
+    if (out.exists() or out.is_symlink()) and (force or resume):
+        replaceable_dir(out, known=RUN_DIR_FILES)  # only a folder train-head wrote (or an empty one), never a link
     if force and not resume and out.exists() and dist.is_main():
         shutil.rmtree(out)
     dist.barrier()

@@ -112,7 +112,7 @@ def test_a_part_copied_from_another_run_is_not_used(world, tmp_path, caplog):
     _collect(world, a, 0)
     other = _collect(world, b, 1)
     assert not torch.equal(other.base, world["clean"].base)
-    (ea, pa), (eb, pb) = _parts(a), _parts(b)
+    (_, pa), (_, pb) = _parts(a), _parts(b)
     shutil.copy(pb[0], pa[0])  # same file name, another model's rows
     with caplog.at_level(logging.WARNING, logger="patchcsra.cache"):
         again = _collect(world, a, 0)
