@@ -29,3 +29,19 @@ def shared_path(*parts: str) -> Path:
 def x_small():
     g = torch.Generator().manual_seed(123)
     return torch.randn(3, 3, 64, 64, generator=g)
+
+
+def image_folder(root: Path, n_classes: int, per_class: int, *, base: int = 200, step: int = 40) -> Path:
+    """``root/train/c<k>/<j>.png``: 32x32 random images, one channel per class set to ``base - step * j``."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(n_classes):
+        d = root / "train" / f"c{c}"
+        d.mkdir(parents=True)
+        for j in range(per_class):
+            arr = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+            arr[..., c % 3] = base - step * j
+            Image.fromarray(arr).save(d / f"{j:02d}.png")
+    return root

@@ -14,13 +14,14 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from typer.testing import CliRunner
 
 from patchcsra.api import prepare
 from patchcsra.cli import app
 from patchcsra.data import open_dataset
 from patchcsra.stats import collect
+
+from conftest import image_folder
 
 N_CLASSES, PER_CLASS = 4, 6  # 24 images, parts of 8
 MODEL = ["--arch", "custom_nets:resnet20", "--input-size", "3,32,32", "--mean", "0.5,0.5,0.5", "--std", "0.25"]
@@ -31,14 +32,7 @@ def world(tmp_path_factory):
     import custom_nets
 
     tmp = tmp_path_factory.mktemp("cache")
-    rng = np.random.default_rng(0)
-    for c in range(N_CLASSES):
-        d = tmp / "data" / "train" / f"c{c}"
-        d.mkdir(parents=True)
-        for j in range(PER_CLASS):
-            arr = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
-            arr[..., c % 3] = 220 - 30 * j
-            Image.fromarray(arr).save(d / f"{j:02d}.png")
+    image_folder(tmp / "data", N_CLASSES, PER_CLASS, base=220, step=30)
     torch.manual_seed(0)
     models = [custom_nets.resnet20(num_classes=N_CLASSES).eval() for _ in range(2)]
     ds = open_dataset(tmp / "data", split="train")

@@ -24,11 +24,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
 from typer.testing import CliRunner
 
 import patchcsra
@@ -39,7 +37,7 @@ from patchcsra.errors import PatchCSRAError
 from patchcsra.report import read_run
 from patchcsra.stats import collect
 
-from conftest import HERE, REPO
+from conftest import HERE, REPO, image_folder
 
 runner = CliRunner()
 N_CLASSES, PER_CLASS = 10, 2  # 20 images of 32x32
@@ -188,14 +186,7 @@ def world(tmp_path_factory):
     import custom_nets
 
     tmp = tmp_path_factory.mktemp("interrupts")
-    rng = np.random.default_rng(0)
-    for c in range(N_CLASSES):
-        d = tmp / "data" / "train" / f"c{c}"
-        d.mkdir(parents=True)
-        for j in range(PER_CLASS):
-            arr = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
-            arr[..., c % 3] = 200 - 40 * j
-            Image.fromarray(arr).save(d / f"{j:02d}.png")
+    image_folder(tmp / "data", N_CLASSES, PER_CLASS)
     torch.manual_seed(0)
     model = custom_nets.resnet20().eval()
     src = tmp / "r20.pt"
