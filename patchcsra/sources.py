@@ -402,13 +402,18 @@ def _import_module(mod_name: str, arch: str):
     try:
         return importlib.import_module(mod_name)
     except ImportError:
-        if os.getcwd() not in sys.path:  # a user's own module next to where they run the tool
-            sys.path.insert(0, os.getcwd())
+        cwd = os.getcwd()
+        added = cwd not in sys.path
+        if added:  # a user's own module next to where they run the tool: looked for last, and only now
+            sys.path.append(cwd)
         try:
             return importlib.import_module(mod_name)
         except ImportError as e:
             raise SourceError(f"arch={arch!r}: cannot import module {mod_name!r} ({_first_line(e)}); "
                               "put it on PYTHONPATH or name its file: 'path/to/file.py:factory'") from e
+        finally:
+            if added and cwd in sys.path:
+                sys.path.remove(cwd)  # a stray ./matplotlib.py must never shadow a library later
 
 
 def _module_from_file(path: Path, arch: str):

@@ -27,7 +27,8 @@ MODEL, TRANSFORM, RUN, OUTPUT = "Model", "Preprocessing", "Running", "Output"
 
 # ----------------------------------------------------------------------------- shared options (one definition each)
 Arch = Annotated[Optional[str], typer.Option("--arch", help="architecture of a state-dict file: timm:NAME, "
-                                             "torchvision:NAME, pkg.module:factory or file.py:factory",
+                                             "torchvision:NAME, pkg.module:factory or file.py:factory (a module "
+                                             "or file named here is imported: its code runs)",
                                              rich_help_panel=MODEL)]
 Weights = Annotated[Optional[str], typer.Option("--weights", help="torchvision weights name, or a state-dict file",
                                                 rich_help_panel=MODEL)]

@@ -150,3 +150,17 @@ def test_the_package_unpickles_in_one_trusted_place_only():
                         isinstance(node.value, ast.Constant) and node.value.value is False:
                     found.append((p.relative_to(root).as_posix(), fn.name))
     assert sorted(set(found)) == [("sources.py", "_torch_load")]
+
+
+def test_arch_module_lookup_never_shadows_a_library_later(tmp_path, monkeypatch):
+    """``--arch mod:fn`` looks in the working directory last, and only for that import."""
+    import sys
+
+    (tmp_path / "my_arch_mod.py").write_text("import torch\ndef net():\n    return torch.nn.Linear(2, 2)\n")
+    monkeypatch.chdir(tmp_path)
+    before = list(sys.path)
+    from patchcsra.sources import build_arch
+
+    m = build_arch("my_arch_mod:net")
+    assert isinstance(m, nn.Linear)
+    assert sys.path == before  # the working directory was searched (last) for this import only
