@@ -67,7 +67,14 @@ def attention_weights(scores: Tensor, temperature: float) -> Tensor:
     """Eq. (2): ``softmax_k(T s_k)`` over the last axis ``(..., L)``; ``T = inf``: one-hot at the first argmax."""
     if math.isinf(temperature):
         return torch.zeros_like(scores).scatter_(-1, scores.argmax(dim=-1, keepdim=True), 1.0)
-    return torch.softmax(scores * temperature, dim=-1)
+    return torch.softmax(_scaled(scores, temperature), dim=-1)
+
+
+def _scaled(scores: Tensor, temperature: float) -> Tensor:
+    """``T * (s - max_k s)``: the same softmax as ``T * s``, and no NaN for a huge finite T (1e308 in float32):
+    T is capped at the dtype's largest number, so the max location gets ``0`` and the others ``-inf``."""
+    t = min(float(temperature), float(torch.finfo(scores.dtype).max))
+    return (scores - scores.amax(dim=-1, keepdim=True)) * t
 
 
 def residual_attention(scores: Tensor, temperature: float = math.inf) -> Tensor:
@@ -77,7 +84,7 @@ def residual_attention(scores: Tensor, temperature: float = math.inf) -> Tensor:
     """
     if math.isinf(temperature):
         return scores.amax(dim=-1)
-    w = torch.softmax(scores * temperature, dim=-1)
+    w = torch.softmax(_scaled(scores, temperature), dim=-1)
     return (w * scores).sum(dim=-1)
 
 

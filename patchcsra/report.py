@@ -215,7 +215,8 @@ def write_run(result: SweepResult, out_dir: Union[str, Path], summary: dict, *, 
         PatchCSRAError: ``out_dir`` exists and ``force`` is False.
     """
     def fill(tmp: Path) -> None:
-        result.frame.to_csv(tmp / "results.csv", index=False, float_format="%.6f")
+        frame = result.frame.assign(temperature=[repr(float(t)) for t in result.frame["temperature"]])
+        frame.to_csv(tmp / "results.csv", index=False, float_format="%.6f")  # T as given: 1e-30 is not 0.000000
         result.per_class.to_csv(tmp / "per_class.csv", index=False, float_format="%.6f")
         (tmp / "summary.json").write_text(json.dumps(summary, indent=1, default=json_default) + "\n")
         disp = display_frame(table_frame([summary]))
@@ -236,10 +237,36 @@ def read_run(run_dir: Union[str, Path]) -> dict:
                              "'patchcsra sweep-lambda --out DIR'") from None
     except ValueError as e:
         raise PatchCSRAError(f"{p}: not valid JSON ({e}); rerun the sweep") from None
-    if not isinstance(s, dict) or "metric" not in s or "choices" not in s:
-        raise PatchCSRAError(f"{p}: not a patchcsra sweep summary")
+    why = _summary_problem(s)
+    if why:
+        raise PatchCSRAError(f"{p}: not a patchcsra sweep summary ({why}); give a run written by "
+                             "'patchcsra sweep-lambda --out DIR'")
     s["run_dir"] = str(run_dir)
     return s
+
+
+def _summary_problem(s: Any) -> str:
+    """What in a loaded ``summary.json`` does not fit :func:`table_frame` ("" when all does)."""
+    if not isinstance(s, dict) or "metric" not in s or "choices" not in s:
+        return "no 'metric' and 'choices'"
+    m = s["metric"]
+    if not isinstance(m, str) or not isinstance(s.get("baseline"), dict) or not _is_num(s["baseline"].get(m)):
+        return f"no baseline number for metric {m!r}"
+    if not isinstance(s["choices"], dict):
+        return "'choices' is not a mapping"
+    for k, c in s["choices"].items():
+        ci = c.get("ci") if isinstance(c, dict) else None
+        if not isinstance(c, dict) or not all(_is_num(c.get(f)) for f in ("lam", "score", "delta")) \
+                or not (isinstance(ci, list) and len(ci) == 2):
+            return f"choice {k!r} lacks lam/score/delta/ci"
+    for key in ("dataset", "model", "images", "transform"):
+        if key in s and not isinstance(s[key], dict):
+            return f"{key!r} is not a mapping"
+    return ""
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) or v is None
 
 
 def merge_runs(run_dirs: Sequence[Union[str, Path]]) -> pd.DataFrame:

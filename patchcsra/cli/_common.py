@@ -157,5 +157,39 @@ def info_table(info_dict: dict, title: str) -> Table:
     return t
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is, so it ends like Ctrl-C: one line, the saved state kept."""
+
+
+class interruptible:
+    """``with interruptible(note):`` -- Ctrl-C (exit 130) or SIGTERM (exit 143) print one line: what was
+    interrupted and ``note`` (what was saved, how to resume), instead of a traceback."""
+
+    def __init__(self, note: str) -> None:
+        self.note = note
+
+    def __enter__(self):
+        import signal
+
+        def on_term(signum, frame):
+            raise Terminated()
+
+        try:
+            self.previous = signal.signal(signal.SIGTERM, on_term)
+        except ValueError:  # not the main thread (tests, embedding): leave SIGTERM alone
+            self.previous = None
+        return self
+
+    def __exit__(self, kind, value, tb) -> bool:
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+        if kind is KeyboardInterrupt or kind is Terminated:
+            err.print(f"[bold yellow]interrupted:[/] {self.note}", highlight=False, soft_wrap=True)
+            raise typer.Exit(130 if kind is KeyboardInterrupt else 143)
+        return False
+
+
 def device_arg(device: str) -> Optional[str]:
     return None if device == "auto" else device

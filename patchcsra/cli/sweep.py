@@ -9,8 +9,8 @@ import typer
 
 from ..errors import PatchCSRAError
 from ._common import (OUTPUT, RUN, SOURCE_HELP, Arch, CropPct, Device, Force, ImgSize, InputSize, Interpolation, Mean,
-                      NumClasses, Pretrained, Std, Trust, Weights, Workers, check_out, err, fail, model_source, out,
-                      parse_float, parse_floats, run_inputs, transform_overrides)
+                      NumClasses, Pretrained, Std, Trust, Weights, Workers, check_out, err, fail, interruptible,
+                      model_source, out, parse_float, parse_floats, run_inputs, transform_overrides)
 
 GRID = "λ/T grid and choices"
 
@@ -83,7 +83,10 @@ def sweep_lambda(
         tf = transform_overrides(img_size, input_size, crop_pct, interpolation, mean, std)
         opts = CollectOptions(batch_size=batch_size, device=device, amp=amp, channels_last=channels_last,
                               workers=workers, cache_dir=None if no_cache else (cache_dir or default_cache_dir()))
-        with _collect_progress(not dist.is_main()) as cb:
+        note = ("nothing was kept (--no-cache)" if opts.cache_dir is None else
+                f"the images collected so far are in the stats cache {opts.cache_dir} (saved every "
+                f"{opts.save_every} images); run the same command again to resume")
+        with interruptible(note), _collect_progress(not dist.is_main()) as cb:
             run = run_sweep(model_source(source, arch, weights, num_classes, pretrained, trust), data, split=split,
                             data_format=data_format, difficult=difficult, class_map=class_map, skip_bad=skip_bad,
                             grid=grid, transform=tf, options=opts, progress=cb)

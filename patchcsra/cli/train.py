@@ -9,7 +9,7 @@ import typer
 from ..errors import PatchCSRAError
 from ._common import (OUTPUT, RUN, SOURCE_HELP, Arch, CropPct, Device, ImgSize, InputSize, Interpolation, Mean,
                       NumClasses, Pretrained, Std, Trust, Weights, Workers, check_out, device_arg, err, fail,
-                      model_source, out, parse_floats, run_inputs, transform_overrides)
+                      interruptible, model_source, out, parse_floats, run_inputs, transform_overrides)
 
 HEAD, RECIPE = "Head", "Recipe"
 
@@ -74,7 +74,9 @@ def train_head(
             raise PatchCSRAError(f"--out {out_dir} exists; pass --resume to continue it or --force to start over")
         if difficult not in ("ignore", "positive"):
             raise PatchCSRAError(f"--difficult {difficult!r}: choose ignore or positive")
-        with _EpochProgress(not dist.is_main()) as cb:
+        note = (f"every finished epoch is in {out_dir}/checkpoint.pt; run the same command with --resume to "
+                "continue")
+        with interruptible(note), _EpochProgress(not dist.is_main()) as cb:
             run = train_and_evaluate(model_source(source, arch, weights, num_classes, pretrained, trust), data,
                                      out_dir, split=split, eval_split=eval_split, data_format=data_format,
                                      difficult=difficult, class_map=class_map, config=cfg,

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
@@ -95,6 +96,8 @@ class ImageDataset(torch.utils.data.Dataset):
         path = self.files[i]
         ok = True
         try:
+            if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block forever, a device never ends
+                raise OSError(f"{path} is not a regular file")
             with Image.open(path) as im:
                 im.load()
                 img = to_rgb(im)
@@ -131,7 +134,7 @@ class ImageDataset(torch.utils.data.Dataset):
     # ------------------------------------------------------------------ checks
     def missing_files(self) -> list[str]:
         """Ids whose image file does not exist (one ``os.stat`` each; run it before any compute)."""
-        return [i for i, f in zip(self.ids, self.files) if not os.path.isfile(f)]
+        return [i for i, f in zip(self.ids, self.files) if not os.path.isfile(f)]  # isfile: regular files only
 
     def fingerprint(self) -> str:
         """sha256 hex over format, split, classes, ids, targets and each file's (size, mtime_ns).

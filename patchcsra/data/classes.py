@@ -215,22 +215,23 @@ def _from_class_map(dataset_classes: Sequence[str], num_outputs: int, class_map:
     norm: dict[str, list[str]] = {}
     for k in cmap:
         norm.setdefault(normalize_class_name(k), []).append(k)
-    out = np.empty(len(dataset_classes), dtype=np.int64)
+    picked: list[int] = []
     missing = []
-    for j, c in enumerate(dataset_classes):
+    for c in dataset_classes:
         if c in cmap:
-            out[j] = cmap[c]
+            picked.append(int(cmap[c]))
         elif len(norm.get(normalize_class_name(c), ())) == 1:
-            out[j] = cmap[norm[normalize_class_name(c)][0]]
+            picked.append(int(cmap[norm[normalize_class_name(c)][0]]))
         else:
             missing.append(c)
     if missing:
         raise DataMismatchError(f"class map {where} has no index for {len(missing)} dataset classes "
                                 f"({_ellipsis(missing)}); add a 'name,index' entry for each")
-    bad = [(c, int(i)) for c, i in zip(dataset_classes, out) if not 0 <= i < num_outputs]
+    bad = [(c, i) for c, i in zip(dataset_classes, picked) if not 0 <= i < num_outputs]  # Python ints: no overflow
     if bad:
         raise DataMismatchError(f"class map {where}: index {bad[0][1]} of class {bad[0][0]!r} is outside "
                                 f"[0, {num_outputs}) (the model outputs {num_outputs}); fix the index")
+    out = np.asarray(picked, dtype=np.int64)
     if len(set(out.tolist())) != len(out):
         _logger.warning("class map %s sends several dataset classes to one output", where)
     return out

@@ -84,6 +84,22 @@ def detect_folder(path: Path) -> bool:
     return _is_class_root(path) or any(_is_class_root(s) for s in _subdirs(path)[:_PROBE_DIRS])
 
 
+def _each_file_once(samples: list[tuple[str, int]], root: Path) -> list[tuple[str, int]]:
+    """Every real file once: a symbolic link back up the tree (``cat/again -> .``) or a second link to an
+    image would list it again; the first path (in sorted order) is kept."""
+    seen: set[str] = set()
+    out = []
+    for p, c in samples:
+        real = os.path.realpath(p)
+        if real not in seen:
+            seen.add(real)
+            out.append((p, c))
+    if len(out) < len(samples):
+        _logger.warning("%s: %d path(s) reach an image already listed (symbolic links); each image is counted once",
+                        root, len(samples) - len(out))
+    return out
+
+
 def open_folder(path: Path, split: Optional[str] = None, *, difficult: str = "ignore",
                 classes: Optional[Sequence[str]] = None) -> ImageDataset:
     """Read an ImageFolder tree as single-label data.
@@ -109,7 +125,8 @@ def open_folder(path: Path, split: Optional[str] = None, *, difficult: str = "ig
         if absent:
             _logger.info("%s: %d listed classes have no folder (e.g. %s)", root, len(absent), absent[0])
     class_to_idx = {c: k for k, c in enumerate(names)}
-    samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+    samples = _each_file_once(make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True),
+                              root)
     if not samples:
         raise DatasetError(f"{root}: the class folders hold no {', '.join(IMG_EXTENSIONS)} images; "
                            "give a folder with images")

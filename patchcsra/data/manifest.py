@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -224,9 +225,10 @@ def _keep_split(rows: "_Rows", split: Optional[str], f: Path) -> None:
         raise DatasetError(f"{f}: the manifest lists no images; add one row per image")
     seen: dict[str, str] = {}
     for i, w in zip(rows.ids, rows.where):
-        if i in seen:
-            raise DatasetError(f"{w}: image {i!r} is listed twice (also {seen[i]}); list each image once")
-        seen[i] = w
+        key = os.path.normpath(i)  # x, ./x and cls/../x name one file
+        if key in seen:
+            raise DatasetError(f"{w}: image {i!r} is listed twice (also {seen[key]}); list each image once")
+        seen[key] = w
 
 
 def _class_names(rows: "_Rows", f: Path, classes: Optional[Sequence[str]], file_classes: Optional[Sequence[str]],

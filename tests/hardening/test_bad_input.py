@@ -442,3 +442,91 @@ def test_bad_input(case: Case, tmp_path: Path, models: dict, monkeypatch: pytest
     assert not (tmp_path / "out").exists()
     after = {p for p in tmp_path.rglob("*")}
     assert after == before, sorted(map(str, after - before))
+
+
+# ----------------------------------------------------------------------------- walking data (issue 15)
+def test_a_symlink_loop_counts_each_image_once(tmp_path):
+    from patchcsra.data import open_dataset
+
+    for c in ("cat", "dog"):
+        for k in range(3):
+            _img(tmp_path / "d" / c / f"{k}.png", seed=k)
+    (tmp_path / "d" / "cat" / "again").symlink_to(tmp_path / "d" / "cat")  # cat/again -> cat
+    ds = open_dataset(tmp_path / "d")
+    assert len(ds) == 6 and sorted(ds.labels.tolist()) == [0, 0, 0, 1, 1, 1]
+
+
+def test_manifest_paths_naming_one_file_are_duplicates(tmp_path):
+    from patchcsra.data import open_dataset
+    from patchcsra.errors import DatasetError
+
+    _img(tmp_path / "cls" / "x.png", seed=0)
+    _img(tmp_path / "cls" / "y.png", seed=1)
+    (tmp_path / "m.csv").write_text("path,labels\ncls/x.png,a\n./cls/x.png,a\ncls/../cls/y.png,b\n")
+    with pytest.raises(DatasetError, match="listed twice"):
+        open_dataset(tmp_path / "m.csv")
+
+
+def test_a_fifo_named_like_an_image_never_blocks(tmp_path):
+    import os
+
+    from patchcsra.data import open_dataset
+
+    _img(tmp_path / "d" / "a" / "0.png", seed=0)
+    _img(tmp_path / "d" / "b" / "0.png", seed=1)
+    os.mkfifo(tmp_path / "d" / "a" / "pipe.jpg")
+    ds = open_dataset(tmp_path / "d")
+    assert len(ds) == 3 and ds.missing_files() == ["a/pipe.jpg"]
+    i = ds.ids.index("a/pipe.jpg")
+    _, _, ok = ds[i]  # returns at once (no open() on a FIFO): unreadable
+    assert ok is False
+
+
+@pytest.mark.parametrize("summary", [
+    '{"metric": "mAP", "choices": {}}',
+    '{"metric": "mAP", "baseline": {"mAP": 80.0}, "choices": {"fixed": {"lam": "x"}}}',
+    '{"metric": "mAP", "baseline": {"mAP": 80.0}, "choices": [], "images": 3}',
+    '{"metric": 3, "baseline": [], "choices": {}}',
+], ids=["no-baseline", "bad-choice", "choices-list", "metric-number"])
+def test_report_on_a_summary_of_the_wrong_shape_is_one_line(tmp_path, summary):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "summary.json").write_text(summary)
+    r = CliRunner().invoke(app, ["report", str(tmp_path / "run")])
+    assert r.exit_code == 2 and "not a patchcsra sweep summary" in r.output and "Traceback" not in r.output
+
+
+def test_a_huge_class_map_index_is_one_line(tmp_path):
+    from patchcsra.data import align_classes
+    from patchcsra.errors import DataMismatchError
+
+    with pytest.raises(DataMismatchError, match=r"index 10{30} of class 'a' is outside \[0, 3\)"):
+        align_classes(("a", "b"), 3, class_map={"a": 10 ** 30, "b": 1})
+
+
+def test_temperatures_are_written_as_given_and_huge_ones_are_not_blamed_on_the_weights(tmp_path):
+    import math
+
+    import pandas as pd
+    import torch
+
+    from patchcsra.grid import sweep
+    from patchcsra.patcher import residual_attention
+    from patchcsra.report import summary_record, write_run
+
+    s = torch.randn(4, 3, 6)
+    assert torch.allclose(residual_attention(s, 1e308), s.amax(-1))  # no NaN: the limit T -> inf
+    assert torch.allclose(residual_attention(s, 1e-30), s.mean(-1))
+    import numpy as np
+
+    from patchcsra.stats import Stats
+
+    temps = (1e-30, 1e308, math.inf)
+    scores = torch.randn(40, 3, 6, generator=torch.Generator().manual_seed(0))
+    att = torch.stack([residual_attention(scores, t) for t in temps], -1)  # the library's formula, as collect does
+    targets = (torch.rand(40, 3, generator=torch.Generator().manual_seed(1)) < 0.4).numpy().astype(np.int8)
+    st = Stats(scores.mean(-1), scores.amax(-1), att, temps, targets, np.ones(40, bool),
+               tuple(str(i) for i in range(40)), ("a", "b", "c"), False)
+    res = sweep(st, lams=[0, 0.5], temperatures=[1e-30, 1e308], bootstrap=0, folds=0)
+    write_run(res, tmp_path / "r", summary_record(res))
+    got = pd.read_csv(tmp_path / "r" / "results.csv")["temperature"].tolist()
+    assert 1e-30 in got and 1e308 in got and math.inf in got
