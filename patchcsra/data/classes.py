@@ -172,6 +172,8 @@ def load_class_map(class_map: ClassMap) -> dict[str, int]:
         if f.suffix.lower() == ".json":
             try:
                 data = json.loads(text)
+            except RecursionError:
+                raise DatasetError(f"class map {f}: the JSON is nested too deeply; give {{\"name\": index, ...}}") from None
             except ValueError as e:
                 raise DatasetError(f"class map {f}: bad JSON ({str(e)[:60]}); give {{\"name\": index, ...}}") from None
             if isinstance(data, list):

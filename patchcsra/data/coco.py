@@ -74,6 +74,8 @@ def _load_json(f: Path) -> dict:
     try:
         with open(f, "rb") as fh:
             data = json.load(fh)
+    except RecursionError:
+        raise DatasetError(f"{f}: the JSON is nested too deeply to be a COCO instances file; restore the file") from None
     except (OSError, ValueError) as e:
         raise DatasetError(f"{f}: cannot read the COCO json ({type(e).__name__}: {str(e)[:80]}); "
                            "restore the file") from None

@@ -142,6 +142,8 @@ def _read_json(f: Path, rows: _Rows) -> Optional[list[str]]:
     try:
         with open(f, encoding="utf-8-sig") as fh:
             data = json.load(fh)
+    except RecursionError:
+        raise DatasetError(f"{f}: the JSON is nested too deeply to be a manifest; fix the file") from None
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise DatasetError(f"{f}: cannot read the JSON ({type(e).__name__}: {str(e)[:80]}); fix the file") from None
     classes = None

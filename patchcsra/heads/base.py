@@ -250,9 +250,30 @@ def default_input_size(model: nn.Module) -> tuple[int, int, int]:
 
 
 def probe_input(input_size: Sequence[int], batch: int = 2, dtype: torch.dtype = torch.float32) -> Tensor:
-    """A deterministic probe batch ``(batch, C, H, W)`` (seeded normal noise)."""
+    """A deterministic probe batch ``(batch, C, H, W)`` (seeded normal noise).
+
+    Raises:
+        PatchCSRAError: the probe would not fit: a forward pass needs on the order of 64x its input in
+            activations, and more than the machine's memory is refused before anything is allocated.
+    """
+    need = 64 * batch * int(torch.tensor(list(input_size)).prod()) * torch.finfo(dtype).bits // 8
+    have = _memory_bytes()
+    if have and need > have:
+        raise PatchCSRAError(f"input_size={tuple(input_size)}: a forward pass at this size needs about "
+                             f"{need / 2 ** 30:.0f} GiB (64x the input), more than this machine's {have / 2 ** 30:.0f} "
+                             "GiB; choose a smaller --img-size / --input-size", param="input_size")
     g = torch.Generator().manual_seed(0)
     return torch.randn(batch, *input_size, generator=g, dtype=dtype)
+
+
+def _memory_bytes() -> int:
+    """Physical memory of this machine (0 when unknown)."""
+    import os
+
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 def allclose_logits(a: Tensor, b: Tensor, rel: float = 1e-5) -> bool:

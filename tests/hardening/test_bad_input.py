@@ -530,3 +530,19 @@ def test_temperatures_are_written_as_given_and_huge_ones_are_not_blamed_on_the_w
     write_run(res, tmp_path / "r", summary_record(res))
     got = pd.read_csv(tmp_path / "r" / "results.csv")["temperature"].tolist()
     assert 1e-30 in got and 1e308 in got and math.inf in got
+
+
+def test_an_input_size_that_cannot_fit_is_refused_before_any_allocation(tmp_path):
+    r = CliRunner().invoke(app, ["describe", "timm:resnet18", "--no-pretrained", "--input-size", "3,20000,20000"])
+    said = " ".join(r.output.split())
+    assert r.exit_code == 2 and "--input-size=" in said and "GiB" in said and "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "instances_val2017.json"])
+def test_json_nested_100k_deep_is_one_line(tmp_path, name):
+    from patchcsra.data import open_dataset
+    from patchcsra.errors import DatasetError
+
+    (tmp_path / name).write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DatasetError, match="nested too deeply|cannot read"):
+        open_dataset(tmp_path / name, format="coco" if "instances" in name else "manifest")
