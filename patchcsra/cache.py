@@ -63,6 +63,7 @@ class CacheEntry:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._key_value: Optional[str] = None
         self.broken = False  # a write failed: the pass goes on without the cache and never marks it complete
 
     def meta(self) -> Optional[dict]:
@@ -102,8 +103,13 @@ class CacheEntry:
         torch_save(blob, self.path / f"part-{start:09d}-{end:09d}.pt")
 
     def _key(self) -> str:
-        m = self.meta() or {}
-        return f"{m.get('key')}/{self.path.name}"
+        """The run key and entry name every part of this entry carries (read from ``meta.json`` once)."""
+        if self._key_value is None:
+            m = self.meta()
+            if m is None:
+                return f"None/{self.path.name}"  # no usable meta yet: nothing stored matches it
+            self._key_value = f"{m['key']}/{self.path.name}"
+        return self._key_value
 
     def _check(self, blob: object, a: int, b: int, out: dict[str, Tensor], key: str) -> Optional[str]:
         """Why a loaded part cannot be used (None: it can)."""

@@ -402,8 +402,7 @@ def _atomic_write(path: Path, write: Callable[[Any], None], *, force: bool, bina
     """``write(fh)`` into a temporary sibling of ``path``, then rename it onto ``path``."""
     from ._io import atomic_path
 
-    _check_free([path], force)
-    with atomic_path(path, force=True) as tmp, open(tmp, "wb" if binary else "w") as fh:
+    with atomic_path(path, force=force) as tmp, open(tmp, "wb" if binary else "w") as fh:
         write(fh)
     _logger.info("wrote %s", path)
     return path

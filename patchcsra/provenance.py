@@ -61,14 +61,14 @@ def _cpu() -> tuple[str, frozenset[str]]:
     name, flags = platform.processor() or platform.machine(), frozenset()
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
+            for line in f:  # the first processor's block is enough
                 key, _, value = line.partition(":")
                 key = key.strip()
                 if key == "model name" and value.strip():
                     name = value.strip()
                 elif key in ("flags", "Features") and not flags:
                     flags = frozenset(value.split())
-                if name and flags and key == "":
+                elif not key and flags:
                     break
     except OSError:
         pass
