@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Union
 
+import numpy as np
 from torch import nn
 
 from .errors import DatasetError, HeadNotFoundError, PatchCSRAError
@@ -92,18 +93,23 @@ def prepare(source: Union[str, os.PathLike, nn.Module, ModelSource], data: Union
             split: Optional[str] = None, data_format: Optional[str] = None, difficult: str = "ignore",
             class_map: Optional[Union[str, Path, Mapping[str, int]]] = None,
             transform: Optional[TransformOverrides] = None, fixed_lam: Optional[float] = None,
-            load_kwargs: Optional[dict] = None, model_name: Optional[str] = None, **transform_kwargs: Any) -> Prepared:
+            load_kwargs: Optional[dict] = None, model_name: Optional[str] = None, max_pixels: Optional[int] = None,
+            **transform_kwargs: Any) -> Prepared:
     """Load and patch the model, open the dataset, resolve the transform and match the classes.
 
     ``transform`` (a :class:`~patchcsra.options.TransformOverrides`) or its fields as keywords (``img_size=``,
     ``input_size=``, ``crop_pct=``, ``interpolation=``, ``mean=``, ``std=``) override the model's preprocessing;
-    ``model_name`` is what tables call the model (default: the library name, file name or class).
+    ``model_name`` is what tables call the model (default: the library name, file name or class);
+    ``max_pixels`` is the dataset's pixel limit (``None``: the dataset's own, by default
+    :data:`~patchcsra.data.DEFAULT_MAX_PIXELS`; ``0``: no limit).
     Everything that can be wrong with the input is found here, before any forward pass over the data.
     """
     from .data import align_classes, model_label_ids, model_label_names, open_dataset
+    from .data.base import check_max_pixels
     from .sources import PatchedArchive
 
     tf = split_options(transform_kwargs, transform=transform, allowed=(TransformOverrides,))[0]
+    limit = check_max_pixels(max_pixels) if max_pixels is not None else None
     model = _load(source, load_kwargs)
     name = model_name or _model_name(source)
     if isinstance(model, (PatchedArchive, PatchedClassifier)) or getattr(model, "patchcsra_meta", None):
@@ -114,6 +120,8 @@ def prepare(source: Union[str, os.PathLike, nn.Module, ModelSource], data: Union
         data, format=data_format, split=split, difficult=difficult)
     if len(dataset) == 0:
         raise DatasetError(f"{data}: split {split!r} has no images")
+    if max_pixels is not None:
+        dataset.max_pixels = limit
     try:
         patched = patch(model, lam=0.0, input_size=spec.input_size)
     except HeadNotFoundError as e:  # name the model the user gave (a file, timm:NAME ...), not only its class
@@ -131,7 +139,7 @@ def sweep_lambda(source: Union[str, os.PathLike, nn.Module, ModelSource], data: 
                  grid: Optional[SweepOptions] = None, transform: Optional[TransformOverrides] = None,
                  options: Optional[CollectOptions] = None, load_kwargs: Optional[dict] = None,
                  model_name: Optional[str] = None, progress: Optional[Callable[[int, int], None]] = None,
-                 **option_kwargs: Any) -> Optional[SweepRun]:
+                 max_pixels: Optional[int] = None, **option_kwargs: Any) -> Optional[SweepRun]:
     """Patch ``source``, collect scores over ``data`` in one pass, and sweep the λ/T grid.
 
     Under ``torchrun`` (after :func:`patchcsra.dist.init_from_env`) every rank collects its shard and
@@ -154,12 +162,15 @@ def sweep_lambda(source: Union[str, os.PathLike, nn.Module, ModelSource], data: 
         load_kwargs: passed to :func:`patchcsra.load` (``pretrained``, ``arch``, ``weights``, ``trust`` ...).
         model_name: what tables call the model (default: the library name, file name or class).
         progress: ``progress(done, total)`` callback during the pass.
+        max_pixels: images with more pixels are not decoded but unreadable, naming the limit (``None``: the
+            dataset's own, :data:`~patchcsra.data.DEFAULT_MAX_PIXELS` for a path; ``0``: no limit).
         **option_kwargs: any field of the three option classes, e.g. ``lams=[0, 0.1]``, ``img_size=448``,
             ``workers=0``: merged into them once, here.
     """
     tf, opts, so = split_options(option_kwargs, transform=transform, collect=options, sweep=grid)
     prep = prepare(source, data, split=split, data_format=data_format, difficult=difficult, class_map=class_map,
-                   transform=tf, fixed_lam=so.fixed_lam, load_kwargs=load_kwargs, model_name=model_name)
+                   transform=tf, fixed_lam=so.fixed_lam, load_kwargs=load_kwargs, model_name=model_name,
+                   max_pixels=max_pixels)
     ds = prep.dataset
     where = dict(zip(ds.ids, ds.files))  # id -> file, to name images in messages
     missing = ds.missing_files()
@@ -173,15 +184,26 @@ def sweep_lambda(source: Union[str, os.PathLike, nn.Module, ModelSource], data: 
     seconds = time.perf_counter() - t0
     if stats is None:  # a non-main torchrun rank: rank 0 has the gathered stats and writes the run
         return None
-    bad = [stats.ids[i] for i in range(len(stats)) if not stats.ok[i]]
-    if bad and not skip_bad:
-        raise DatasetError(f"{len(bad)} image(s) of {ds.name} could not be read (e.g. "
-                           f"{', '.join(str(where.get(i, i)) for i in bad[:5])}); fix them or pass --skip-bad to "
-                           f"score without them{' (the pass is cached)' if opts.cache_dir is not None else ''}")
+    bad_rows = np.flatnonzero(~np.asarray(stats.ok, dtype=bool))
+    bad = [stats.ids[i] for i in bad_rows]
+    if len(bad) and not skip_bad:
+        raise DatasetError(f"{len(bad)} image(s) of {ds.name} could not be read ({_why_unreadable(ds, bad_rows)}); "
+                           "fix them or pass --skip-bad to score without them"
+                           f"{' (the pass is cached)' if opts.cache_dir is not None else ''}")
     if bad:
-        _logger.warning("skipping %d unreadable image(s): %s", len(bad), ", ".join(bad[:10]))
+        _logger.warning("skipping %d unreadable image(s): %s (%s)", len(bad), ", ".join(bad[:10]),
+                        _why_unreadable(ds, bad_rows))
     result = sweep(stats, **{**so.as_kwargs(), "fixed_lam": prep.fixed_lam}, model=prep.model_name)
     return SweepRun(result, _summary(result, prep, source, ds, difficult, opts, stats, seconds))
+
+
+def _why_unreadable(ds, rows: np.ndarray, show: int = 3) -> str:
+    """``e.g. <path>: <why>; ...`` for the first ``show`` of ``rows`` (each opened again, here, to say why)."""
+    reasons = []
+    for i in rows[:show]:
+        why = ds.unreadable_reason(int(i)) if hasattr(ds, "unreadable_reason") else None
+        reasons.append(why or f"{ds.files[int(i)]}: readable now, rerun")
+    return "e.g. " + "; ".join(reasons)
 
 
 def _summary(result: SweepResult, prep: Prepared, source, ds, difficult: str, opts: CollectOptions, stats: Stats,
@@ -224,7 +246,8 @@ def train_and_evaluate(source: Union[str, os.PathLike, nn.Module, ModelSource], 
                        class_map: Optional[Union[str, Path, Mapping[str, int]]] = None, config: Any = None,
                        transform: Optional[TransformOverrides] = None, resume: bool = False, force: bool = False,
                        device: Optional[str] = None, workers: Optional[int] = None,
-                       progress: Optional[Callable[[dict], None]] = None) -> TrainRun:
+                       progress: Optional[Callable[[dict], None]] = None,
+                       max_pixels: Optional[int] = None) -> TrainRun:
     """What ``patchcsra train-head`` does: train a head on ``split``, then (``eval_split``) sweep it.
 
     The dataset's classes are matched to the model's outputs where they can be (names, count or
@@ -237,6 +260,8 @@ def train_and_evaluate(source: Union[str, os.PathLike, nn.Module, ModelSource], 
         config: a :class:`~patchcsra.training.TrainConfig` (default: the paper's recipe, CSRA H=1).
         transform: preprocessing overrides (:class:`~patchcsra.options.TransformOverrides`).
         resume, force, device, workers, progress: see :func:`patchcsra.train_head`.
+        max_pixels: the pixel limit of the images read (``None``: :data:`~patchcsra.data.DEFAULT_MAX_PIXELS`;
+            ``0``: no limit).
     """
     from . import dist
     from .data import open_dataset
@@ -245,7 +270,10 @@ def train_and_evaluate(source: Union[str, os.PathLike, nn.Module, ModelSource], 
 
     cfg = (config or TrainConfig()).check()
     tf = transform or TransformOverrides()
-    ds = open_dataset(data, format=data_format, split=split, difficult=difficult)
+    from .data import DEFAULT_MAX_PIXELS
+
+    limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+    ds = open_dataset(data, format=data_format, split=split, difficult=difficult, max_pixels=limit)
     model = _load(source, None)
     if isinstance(model, PatchedArchive):
         raise PatchCSRAError(f"{_model_name(source)} is a patched file; train on the original model")
@@ -260,7 +288,8 @@ def train_and_evaluate(source: Union[str, os.PathLike, nn.Module, ModelSource], 
     if eval_split is not None:
         name = f"{_model_name(source)} + {cfg.kind}" + (f" H={cfg.heads}" if cfg.kind == "csra" else "")
         evaluated = sweep_lambda(result.model, data, split=eval_split, data_format=data_format, difficult=difficult,
-                                 workers=workers, device=device, cache_dir=None, bootstrap=1000, model_name=name)
+                                 workers=workers, device=device, cache_dir=None, bootstrap=1000, model_name=name,
+                                 max_pixels=limit)
         if evaluated is not None and dist.is_main():
             evaluated.write(Path(out_dir) / "eval", force=True)
     return TrainRun(result, evaluated)

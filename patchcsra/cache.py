@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -21,7 +22,10 @@ from ._io import describe_os_error, torch_save, write_bytes
 from .errors import PatchCSRAError
 
 __all__ = ["CacheEntry", "open_entry", "find_entry", "known_temperatures", "mark_complete", "row_shapes",
-           "alloc_rows", "digest", "part_digest", "valid_meta"]
+           "alloc_rows", "digest", "part_digest", "valid_meta", "CONTENTS_FILE", "guarded_write"]
+
+#: per image, blake2b-128 of the file's bytes when its rows were computed (``--verify-cache`` compares them)
+CONTENTS_FILE = "contents.bin"
 
 _logger = logging.getLogger(__name__)
 
@@ -77,6 +81,26 @@ class CacheEntry:
     def write_meta(self, meta: dict) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         write_bytes(self.path / "meta.json", json.dumps(meta, indent=1, default=str).encode())
+
+    def write_contents(self, digests: np.ndarray) -> None:
+        """Store ``(n, 16)`` uint8 content digests of the images (row ``i``: the file row ``i`` was computed from)."""
+        raw = np.ascontiguousarray(digests, dtype=np.uint8).tobytes()
+        write_bytes(self.path / CONTENTS_FILE, raw)
+        m = self.meta()
+        if m is not None:
+            m["contents"] = hashlib.blake2b(raw, digest_size=16).hexdigest()
+            self.write_meta(m)
+
+    def contents(self, n: int) -> Optional[np.ndarray]:
+        """The stored ``(n, 16)`` content digests, or None when missing, of another size or changed since written."""
+        m = self.meta()
+        try:
+            raw = (self.path / CONTENTS_FILE).read_bytes()
+        except OSError:
+            return None
+        if m is None or len(raw) != 16 * n or m.get("contents") != hashlib.blake2b(raw, digest_size=16).hexdigest():
+            return None
+        return np.frombuffer(raw, dtype=np.uint8).reshape(n, 16).copy()
 
     def parts(self) -> list[tuple[int, int, Path]]:
         out = []
@@ -251,13 +275,19 @@ def usable_entry(cache_dir: Union[str, Path], key: str, temps: list[float], temp
         return None
 
 
-def save_part_or_give_up(entry: CacheEntry, start: int, part: dict[str, Tensor]) -> None:
-    """:meth:`CacheEntry.save_part`; on a failed write, one warning and the pass goes on without the cache."""
+def guarded_write(entry: CacheEntry, write, *args) -> None:
+    """``write(*args)`` (a :class:`CacheEntry` method); on a failed write, one warning and the pass goes on
+    without the cache (the entry is never marked complete)."""
     if entry.broken:
         return
     try:
-        entry.save_part(start, part)
+        write(*args)
     except (OSError, PatchCSRAError) as e:
         entry.broken = True
         why = describe_os_error(e) if isinstance(e, OSError) else str(e)
         _logger.warning("stats cache %s cannot be written (%s); the pass goes on without it", entry.path, why)
+
+
+def save_part_or_give_up(entry: CacheEntry, start: int, part: dict[str, Tensor]) -> None:
+    """:meth:`CacheEntry.save_part` through :func:`guarded_write`."""
+    guarded_write(entry, entry.save_part, start, part)

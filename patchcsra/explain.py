@@ -37,6 +37,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from .data.base import DEFAULT_MAX_PIXELS, UnreadableImage, check_max_pixels, read_image, to_rgb
 from .data.classes import normalize_class_name
 from .data.transforms import TransformSpec
 from .errors import PatchCSRAError
@@ -218,20 +219,18 @@ def _image_ids(images: Sequence[ImageLike]) -> list[str]:
     return out
 
 
-def _open_image(img: ImageLike, i: int) -> Image.Image:
+def _open_image(img: ImageLike, i: int, max_pixels: Optional[int]) -> Image.Image:
     if isinstance(img, Image.Image):
-        return img.convert("RGB")
+        return to_rgb(img)
     if not isinstance(img, (str, os.PathLike)):
         raise PatchCSRAError(f"images[{i}] is a {type(img).__name__}; give a file path or a PIL.Image.Image")
     p = Path(img)
     if not p.is_file():
         raise PatchCSRAError(f"images[{i}]={str(p)!r} does not exist; give an existing image file")
     try:
-        with Image.open(p) as im:
-            return im.convert("RGB")
-    except Exception as e:  # noqa: BLE001 - any decoder failure
-        raise PatchCSRAError(f"images[{i}]={str(p)!r} cannot be read as an image ({type(e).__name__}); "
-                             "give a JPEG/PNG file") from None
+        return read_image(p, max_pixels)
+    except UnreadableImage as e:
+        raise PatchCSRAError(f"images[{i}] cannot be read as an image ({e}); give a JPEG/PNG file") from None
 
 
 def _denormalize(x: Tensor, spec: TransformSpec) -> np.ndarray:
@@ -299,7 +298,8 @@ def _model_device_dtype(patched: nn.Module) -> tuple[torch.device, torch.dtype]:
 # ----------------------------------------------------------------------------- explain
 def explain(patched: PatchedClassifier, images: Sequence[ImageLike], *, transform_spec: TransformSpec,
             classes: Optional[Sequence[Union[int, str]]] = None, top_k: int = 3, temperature: Optional[float] = 1.0,
-            class_names: Optional[Sequence[str]] = None, prob: str = "auto") -> list[ExplainResult]:
+            class_names: Optional[Sequence[str]] = None, prob: str = "auto",
+            max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> list[ExplainResult]:
     """Per-location class scores and attention maps of ``images``.
 
     Args:
@@ -315,6 +315,7 @@ def explain(patched: PatchedClassifier, images: Sequence[ImageLike], *, transfor
             :func:`patchcsra.data.model_label_names`); needed to give ``classes`` by name.
         prob: ``'softmax'`` over all outputs, ``'sigmoid'`` per output, or ``'auto'`` (softmax for
             >= 100 outputs, e.g. ImageNet; sigmoid for multi-label-sized heads such as VOC/COCO).
+        max_pixels: image files with more pixels are refused before decoding (``0``/``None``: no limit).
 
     Returns:
         One :class:`ExplainResult` per image, in order; maps are ``(K, h, w)``.
@@ -342,13 +343,14 @@ def explain(patched: PatchedClassifier, images: Sequence[ImageLike], *, transfor
         if not chosen:
             raise PatchCSRAError("classes is empty; give output indices or names, or None for the top_k")
     kind = _prob_kind(prob, num_classes)
+    limit = check_max_pixels(max_pixels)
     tf = transform_spec.build()
     ids = _image_ids(images)
     device, dtype = _model_device_dtype(patched)
     inner = _unwrap_model(patched)
     results: list[ExplainResult] = []
     for start in range(0, len(images), _BATCH):
-        xs = [tf(_open_image(img, start + j)) for j, img in enumerate(images[start:start + _BATCH])]
+        xs = [tf(_open_image(img, start + j, limit)) for j, img in enumerate(images[start:start + _BATCH])]
         x = torch.stack(xs)
         with torch.no_grad():
             out = _forward(patched, x.to(device=device, dtype=dtype), t)
@@ -506,7 +508,8 @@ def save_maps(result: ExplainResult, path_npz_or_dir: PathLike, *, force: bool =
 def explain_to_dir(patched: PatchedClassifier, images: Sequence[ImageLike], out_dir: PathLike, *,
                    transform_spec: TransformSpec, classes: Optional[Sequence[Union[int, str]]] = None,
                    top_k: int = 3, temperature: Optional[float] = 1.0, class_names: Optional[Sequence[str]] = None,
-                   force: bool = False, prob: str = "auto") -> list[Path]:
+                   force: bool = False, prob: str = "auto", max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
+                   ) -> list[Path]:
     """:func:`explain`, :func:`render` and :func:`save_maps` for every image, into ``out_dir``.
 
     ``out_dir`` is created; per image it gets ``<id>.png``, ``<id>_scores.npy``, ``<id>_attention.npy``
@@ -529,7 +532,7 @@ def explain_to_dir(patched: PatchedClassifier, images: Sequence[ImageLike], out_
                 if p.exists():
                     raise PatchCSRAError(f"{p} exists; pass force=True (CLI --force) to overwrite it")
     results = explain(patched, images, transform_spec=transform_spec, classes=classes, top_k=top_k,
-                      temperature=temperature, class_names=class_names, prob=prob)
+                      temperature=temperature, class_names=class_names, prob=prob, max_pixels=max_pixels)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     for res in results:

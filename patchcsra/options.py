@@ -5,7 +5,7 @@
 * :class:`TransformOverrides` -- timm-style preprocessing overrides (``img_size``, ``input_size``,
   ``crop_pct``, ``interpolation``, ``mean``, ``std``); ``resolve(model)`` gives the run's ``TransformSpec``.
 * :class:`CollectOptions` -- how the one pass runs (``batch_size``, ``device``, ``amp``, ``channels_last``,
-  ``workers``, ``cache_dir``, ``save_every``).
+  ``workers``, ``cache_dir``, ``save_every``, ``verify_cache``).
 * :class:`SweepOptions` -- the λ/T grid and how λ is chosen (``lams``, ``temperatures``, ``fixed_lam``,
   ``metric``, ``folds``, ``bootstrap``, ``seed``).
 
@@ -24,7 +24,12 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 from .errors import PatchCSRAError
 
-__all__ = ["ModelSource", "TransformOverrides", "CollectOptions", "SweepOptions", "split_options", "DEFAULT_LAMS"]
+__all__ = ["ModelSource", "TransformOverrides", "CollectOptions", "SweepOptions", "split_options", "DEFAULT_LAMS",
+           "DEFAULT_MAX_PIXELS"]
+
+#: images with more pixels are not decoded (a decompression-bomb guard; ``--max-pixels``): PIL's own
+#: warning threshold, 1024**3 / 4 / 3 ~ 89.5 megapixels (256 MiB as 8-bit RGB).
+DEFAULT_MAX_PIXELS = 89_478_485
 
 #: 21 points; the paper's values (0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.4, 0.8) are all on it.
 DEFAULT_LAMS: tuple[float, ...] = (0.0, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35,
@@ -115,8 +120,11 @@ class CollectOptions:
     workers: Optional[int] = None
     cache_dir: Optional[Union[str, Path]] = None
     save_every: int = 1024
+    verify_cache: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.verify_cache, bool):
+            raise _bad("verify_cache", self.verify_cache, "give True or False")
         for name in ("batch_size", "save_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:

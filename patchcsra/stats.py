@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .cache import CacheEntry, alloc_rows, digest, mark_complete, row_shapes, save_part_or_give_up, usable_entry
+from .cache import (CacheEntry, alloc_rows, digest, guarded_write, mark_complete, row_shapes, save_part_or_give_up,
+                    usable_entry)
 from .runtime import OOM_ERRORS, default_workers, resolve_amp, resolve_device
 from .errors import DatasetError, PatchCSRAError
 from .options import CollectOptions, split_options
@@ -139,7 +140,9 @@ def collect(patched: PatchedClassifier, dataset, *, temperatures: Sequence[float
             :func:`~patchcsra.runtime.default_workers`); ``device`` ``auto``/``cpu``/``cuda[:N]``; ``amp``
             ``auto`` (bf16 on CUDA) / ``bf16`` / ``fp16`` / ``none``; ``channels_last`` NHWC (default: on CUDA);
             ``cache_dir`` where entries are kept (``None``: no caching or resuming); ``save_every`` images per
-            cache part (how much an interruption can lose).
+            cache part (how much an interruption can lose); ``verify_cache`` hashes every byte of every image and
+            computes again the rows of any file that changed since its rows were cached (the cache key holds each
+            file's size, mtime and sampled bytes, see :meth:`~patchcsra.data.ImageDataset.fingerprint`).
         fingerprint: extra facts that identify the run (model spec, transform); hashed into the key.
         progress: ``progress(done, total)`` after every batch.
 
@@ -209,11 +212,7 @@ def _collect_single(p: _Plan, progress: Optional[Progress]) -> Stats:
     entry = usable_entry(cache_dir, p.key, p.temps, p.temps_req, p.n, p.fingerprint) if cache_dir is not None else None
     temps = p.temps if entry is None else sorted(float(t) for t in entry.meta()["temperatures"])  # type: ignore[index]
     data = alloc_rows(p.n, row_shapes(len(p.index), len(temps)))
-    start = entry.load_into(data) if entry is not None else 0
-    unread = torch.nonzero(~data["ok"][:start]).flatten()
-    if entry is not None and len(unread):  # a file unreadable once may be readable now: never cached as bad
-        _logger.warning("%d image(s) the stats cache holds as unreadable are read again", len(unread))
-        start = entry.drop_from(int(unread[0]))
+    start = _reusable_rows(p, entry, data) if entry is not None else 0
     if start:
         _logger.info("resuming %s at image %d/%d", entry.path if entry else "", start, p.n)
     used = (p.options.batch_size, 0)
@@ -222,6 +221,39 @@ def _collect_single(p: _Plan, progress: Optional[Progress]) -> Stats:
     if entry is not None:
         mark_complete(entry)
     return _stats(p, data, temps, entry, p.n - start, used=used)
+
+
+def _reusable_rows(p: _Plan, entry: CacheEntry, data: dict[str, Tensor]) -> int:
+    """Load ``entry``'s verified parts into ``data``; returns the rows ``[0, start)`` kept.
+
+    Rows are dropped (with their parts and those after) from the first image the cache holds as unreadable
+    (it may be readable now) and, with ``verify_cache``, from the first image whose bytes differ from the
+    digest stored when its rows were computed. The digests of the rows still to compute are stored first.
+    """
+    n, ds = p.n, p.dataset
+    start = entry.load_into(data)
+    unread = torch.nonzero(~data["ok"][:start]).flatten()
+    if len(unread):  # a file unreadable once may be readable now: never cached as bad
+        _logger.warning("%d image(s) the stats cache holds as unreadable are read again", len(unread))
+        start = entry.drop_from(int(unread[0]))
+    stored = entry.contents(n)
+    if p.options.verify_cache and start:
+        if stored is None:
+            _logger.warning("stats cache %s holds no digests of its images, so it cannot be verified; every image "
+                            "is computed again", entry.path)
+            start = entry.drop_from(0)
+        else:
+            changed = np.flatnonzero((ds.content_digests(range(start)) != stored[:start]).any(axis=1))
+            if len(changed):
+                _logger.warning("%d image(s) changed since the stats cache %s was written (e.g. %s); they and the "
+                                "images after them are computed again", len(changed), entry.path,
+                                ds.files[int(changed[0])])
+                start = entry.drop_from(int(changed[0]))
+    if start < n:  # what the rows to come are computed from (zeros: unknown, never verified as equal)
+        new = np.zeros((n, 16), dtype=np.uint8) if stored is None else stored
+        new[start:] = ds.content_digests(range(start, n))
+        guarded_write(entry, entry.write_contents, new)
+    return start
 
 
 def _stats(p: _Plan, data: dict[str, Tensor], temps: Sequence[float], entry: Optional[CacheEntry], forward_images: int,
@@ -255,6 +287,12 @@ def _collect_distributed(p: _Plan, progress: Optional[Progress]) -> Optional[Sta
             cached = alloc_rows(n, row_shapes(len(p.index), len(temps)))
             if entry.load_into(cached) != n or not bool(cached["ok"].all()):
                 cached = None
+            elif p.options.verify_cache:
+                stored = entry.contents(n)
+                if stored is None or not np.array_equal(stored, p.dataset.content_digests()):
+                    _logger.warning("stats cache %s does not match the images' bytes; every image is computed "
+                                    "again", entry.path)
+                    cached = None
     have = dist.broadcast(None if entry is None else (cached is not None, [str(t) for t in temps]))
     if have is not None:
         temps = sorted(float(t) for t in have[1])
@@ -281,6 +319,7 @@ def _collect_distributed(p: _Plan, progress: Optional[Progress]) -> Optional[Sta
                 old.unlink()
         except OSError:
             entry.broken = True
+        guarded_write(entry, entry.write_contents, p.dataset.content_digests())
         save_part_or_give_up(entry, 0, data)
         mark_complete(entry)
     return _stats(p, data, temps, entry, n, dist.world_size(), used=used)

@@ -52,6 +52,9 @@ Workers = Annotated[Optional[int], typer.Option("--workers", "-j", help="DataLoa
                                                 rich_help_panel=RUN)]
 Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda[:N]", rich_help_panel=RUN)]
 Force = Annotated[bool, typer.Option("--force", help="overwrite the output if it exists", rich_help_panel=OUTPUT)]
+MaxPixels = Annotated[int, typer.Option("--max-pixels", help="images with more pixels are not decoded but reported "
+                                        "unreadable, naming this limit (a guard against decompression bombs; "
+                                        "default: PIL's 89478485, about 89.5 megapixels; 0: no limit)")]
 
 
 def fail(e: Union[str, PatchCSRAError, OSError]) -> None:

@@ -7,8 +7,9 @@ from typing import Optional
 import typer
 
 from ..errors import PatchCSRAError
-from ._common import (OUTPUT, SOURCE_HELP, Arch, CropPct, Force, ImgSize, InputSize, Interpolation, Mean, NumClasses,
-                      Pretrained, Std, Trust, Weights, err, fail, model_source, out, parse_float,
+from ..options import DEFAULT_MAX_PIXELS
+from ._common import (OUTPUT, SOURCE_HELP, Arch, CropPct, Force, ImgSize, InputSize, Interpolation, MaxPixels, Mean,
+                      NumClasses, Pretrained, Std, Trust, Weights, err, fail, model_source, out, parse_float,
                       transform_overrides)
 
 
@@ -22,6 +23,7 @@ def explain(
     top_k: int = typer.Option(3, "--top-k", help="how many top predicted classes when --classes is not given"),
     lam: Optional[str] = typer.Option(None, "--lam", help="λ of the patched logits shown (default: paper's rule)"),
     temperature: str = typer.Option("1", "--temperature", "-T", help="T of the attention map (inf: argmax)"),
+    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
     img_size: ImgSize = None, input_size: InputSize = None, crop_pct: CropPct = None,
     interpolation: Interpolation = None, mean: Mean = None, std: Std = None,
     arch: Arch = None, weights: Weights = None, num_classes: NumClasses = None, pretrained: Pretrained = True,
@@ -49,7 +51,8 @@ def explain(
             wanted = [int(c) if c.strip().isdigit() else c.strip() for c in classes.split(",") if c.strip()]
         with err.status("explaining"):
             paths = explain_to_dir(patched, [str(p) for p in images], out_dir, transform_spec=spec, classes=wanted,
-                                   top_k=top_k, temperature=t_v, class_names=model_label_names(model), force=force)
+                                   top_k=top_k, temperature=t_v, class_names=model_label_names(model), force=force,
+                                   max_pixels=max_pixels)
     except (PatchCSRAError, OSError) as e:
         fail(e)
     pngs = [p for p in paths if p.suffix == ".png"]

@@ -8,8 +8,9 @@ from typing import Optional
 import typer
 
 from ..errors import PatchCSRAError
-from ._common import (OUTPUT, RUN, SOURCE_HELP, Arch, CropPct, Device, Force, ImgSize, InputSize, Interpolation, Mean,
-                      NumClasses, Pretrained, Std, Trust, Weights, Workers, check_out, err, fail, interruptible,
+from ..options import DEFAULT_MAX_PIXELS
+from ._common import (OUTPUT, RUN, SOURCE_HELP, Arch, CropPct, Device, Force, ImgSize, InputSize, Interpolation,
+                      MaxPixels, Mean, NumClasses, Pretrained, Std, Trust, Weights, Workers, check_out, err, fail, interruptible,
                       model_source, out, parse_float, parse_floats, run_inputs, transform_overrides)
 
 GRID = "λ/T grid and choices"
@@ -41,6 +42,7 @@ def sweep_lambda(
                                              "'class,index' when dataset and model classes differ"),
     difficult: str = typer.Option("ignore", "--difficult", help="VOC difficult-only labels: ignore | positive"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="score without missing/unreadable images"),
+    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
     img_size: ImgSize = None, input_size: InputSize = None, crop_pct: CropPct = None,
     interpolation: Interpolation = None, mean: Mean = None, std: Std = None,
     batch_size: int = typer.Option(32, "--batch-size", "-b", help="images per forward pass", rich_help_panel=RUN),
@@ -52,6 +54,9 @@ def sweep_lambda(
                                              "or ~/.cache/patchcsra)", rich_help_panel=RUN),
     no_cache: bool = typer.Option(False, "--no-cache", help="do not read or write the stats cache",
                                   rich_help_panel=RUN),
+    verify_cache: bool = typer.Option(False, "--verify-cache", help="hash every byte of every image and compute "
+                                      "again the images changed since they were cached (the cache key holds each "
+                                      "file's size, mtime and sampled bytes)", rich_help_panel=RUN),
     arch: Arch = None, weights: Weights = None, num_classes: NumClasses = None, pretrained: Pretrained = True,
     trust: Trust = False, force: Force = False,
 ) -> None:
@@ -82,14 +87,15 @@ def sweep_lambda(
                             metric=metric, folds=folds, bootstrap=bootstrap, seed=seed)
         tf = transform_overrides(img_size, input_size, crop_pct, interpolation, mean, std)
         opts = CollectOptions(batch_size=batch_size, device=device, amp=amp, channels_last=channels_last,
-                              workers=workers, cache_dir=None if no_cache else (cache_dir or default_cache_dir()))
+                              workers=workers, cache_dir=None if no_cache else (cache_dir or default_cache_dir()),
+                              verify_cache=verify_cache)
         note = ("nothing was kept (--no-cache)" if opts.cache_dir is None else
                 f"the images collected so far are in the stats cache {opts.cache_dir} (saved every "
                 f"{opts.save_every} images); run the same command again to resume")
         with interruptible(note), _collect_progress(not dist.is_main()) as cb:
             run = run_sweep(model_source(source, arch, weights, num_classes, pretrained, trust), data, split=split,
                             data_format=data_format, difficult=difficult, class_map=class_map, skip_bad=skip_bad,
-                            grid=grid, transform=tf, options=opts, progress=cb)
+                            grid=grid, transform=tf, options=opts, progress=cb, max_pixels=max_pixels)
         if run is None:  # another torchrun rank wrote nothing; rank 0 writes the run
             return
         run.write(out_dir, force=force)

@@ -7,8 +7,9 @@ from typing import Optional
 import typer
 
 from ..errors import PatchCSRAError
-from ._common import (OUTPUT, RUN, SOURCE_HELP, Arch, CropPct, Device, ImgSize, InputSize, Interpolation, Mean,
-                      NumClasses, Pretrained, Std, Trust, Weights, Workers, check_out, device_arg, err, fail,
+from ..options import DEFAULT_MAX_PIXELS
+from ._common import (OUTPUT, RUN, SOURCE_HELP, Arch, CropPct, Device, ImgSize, InputSize, Interpolation,
+                      MaxPixels, Mean, NumClasses, Pretrained, Std, Trust, Weights, Workers, check_out, device_arg, err, fail,
                       interruptible, model_source, out, parse_floats, run_inputs, transform_overrides)
 
 HEAD, RECIPE = "Head", "Recipe"
@@ -26,6 +27,7 @@ def train_head(
     data_format: Optional[str] = typer.Option(None, "--data-format", help="voc | coco | folder | manifest"),
     class_map: Optional[Path] = typer.Option(None, "--class-map", help="JSON {class: output index} or CSV"),
     difficult: str = typer.Option("ignore", "--difficult", help="VOC difficult-only labels: ignore | positive"),
+    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
     kind: str = typer.Option("csra", "--kind", help="csra | attention | linear (GAP + Linear)", rich_help_panel=HEAD),
     heads: int = typer.Option(1, "--heads", help="CSRA heads H (1, 2, 4, 6, 8: the paper's temperature sets)",
                               rich_help_panel=HEAD),
@@ -83,7 +85,7 @@ def train_head(
                                      transform=transform_overrides(img_size, input_size, crop_pct, interpolation,
                                                                    mean, std),
                                      resume=resume, force=force, device=device_arg(device), workers=workers,
-                                     progress=cb)
+                                     progress=cb, max_pixels=max_pixels)
     except (PatchCSRAError, OSError) as e:
         fail(e)
     if not dist.is_main():

@@ -15,6 +15,9 @@ import hashlib
 import logging
 import os
 import stat
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
@@ -24,16 +27,115 @@ import torch.utils.data
 from PIL import Image
 
 from ..errors import DatasetError
+from ..options import DEFAULT_MAX_PIXELS
 
 __all__ = [
     "ImageDataset", "DatasetFormat", "open_dataset", "register_format", "list_formats", "get_format",
-    "DIFFICULT_MODES", "BAD_IMAGE_SIZE", "select_class_names",
+    "DIFFICULT_MODES", "BAD_IMAGE_SIZE", "select_class_names", "DEFAULT_MAX_PIXELS", "UnreadableImage",
+    "read_image", "SAMPLE_BYTES", "check_max_pixels",
 ]
 
 _logger = logging.getLogger(__name__)
 
 DIFFICULT_MODES = ("ignore", "positive")
 BAD_IMAGE_SIZE = (64, 64)  # (W, H) of the black stand-in returned for a missing/undecodable image
+#: bytes of each image file the cache key hashes: the whole file up to this size, else this many bytes
+#: from its start, its middle and its end (a third each).
+SAMPLE_BYTES = 3 * 8192
+_CHUNK = 1 << 20
+_PIL_LIMIT = threading.Lock()  # PIL's limit is a module global: lifted only inside this lock, and restored
+
+
+class UnreadableImage(ValueError):
+    """An image file that cannot be decoded; ``str(e)`` says why (``path: reason``)."""
+
+
+def _open_unchecked(path: Path) -> Image.Image:
+    """``Image.open`` without PIL's own bomb check (ours, with the user's limit, runs right after)."""
+    with _PIL_LIMIT:
+        old = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            return Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = old
+
+
+def read_image(path: Union[str, os.PathLike], max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """The 8-bit RGB image in ``path`` (:func:`to_rgb`), decoded only if it has at most ``max_pixels`` pixels.
+
+    Only regular files are opened (a FIFO would block forever, a device never ends). ``max_pixels=None``
+    lifts the limit. The size is read from the file's header, before anything is decoded.
+
+    Raises:
+        UnreadableImage: ``"<path>: <why>"``: missing, not a regular file, over the pixel limit, not decodable.
+    """
+    path = Path(path)
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise UnreadableImage(f"{path}: not a regular file")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # ours is the limit that counts
+            try:
+                im = Image.open(path)
+            except Image.DecompressionBombError:
+                im = _open_unchecked(path)
+        with im:
+            w, h = im.size
+            if max_pixels is not None and w * h > max_pixels:
+                raise UnreadableImage(
+                    f"{path}: {w}x{h} = {w * h} pixels is over the limit of {max_pixels} pixels (--max-pixels, "
+                    "a guard against decompression bombs); raise --max-pixels to read it")
+            im.load()
+            return to_rgb(im)
+    except UnreadableImage:
+        raise
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError, Image.DecompressionBombError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+        raise UnreadableImage(f"{path}: {why}") from None
+
+
+def _sample_digest(path: Path) -> tuple[int, int, bytes]:
+    """``(size, mtime_ns, blake2b of the file's sampled bytes)``; ``(-1, -1, b"")`` when it cannot be read."""
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            return st.st_size, st.st_mtime_ns, b"not a regular file"
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        try:
+            size, block = st.st_size, SAMPLE_BYTES // 3
+            if size <= SAMPLE_BYTES:
+                data = os.pread(fd, size, 0)
+            else:
+                data = b"".join(os.pread(fd, block, at) for at in (0, (size - block) // 2, size - block))
+        finally:
+            os.close(fd)
+        return st.st_size, st.st_mtime_ns, hashlib.blake2b(data, digest_size=16).digest()
+    except OSError:
+        return -1, -1, b""
+
+
+def _full_digest(path: Path) -> bytes:
+    """blake2b-128 of every byte of ``path`` (16 zero bytes when it is missing or not a regular file)."""
+    h = hashlib.blake2b(digest_size=16)
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return bytes(16)
+        with open(path, "rb", buffering=0) as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+    except OSError:
+        return bytes(16)
+    return h.digest()
+
+
+def _map_files(fn: Callable[[Path], Any], files: Sequence[Path]) -> list:
+    """``[fn(f) for f in files]``, in blocks of 512 files on up to 8 threads (reads overlap on slow disks)."""
+    blocks = [files[i:i + 512] for i in range(0, len(files), 512)]
+    if len(blocks) <= 1:
+        return [fn(f) for f in files]
+    with ThreadPoolExecutor(min(8, len(blocks), 2 * (os.cpu_count() or 1))) as pool:
+        return [r for block in pool.map(lambda b: [fn(f) for f in b], blocks) for r in block]
 
 
 @dataclass(eq=False)
@@ -51,6 +153,7 @@ class ImageDataset(torch.utils.data.Dataset):
         targets: ``(N, C)`` int8: ``1`` present, ``0`` absent, ``-1`` ignore.
         single_label: every row has exactly one positive (ImageFolder data).
         transform: PIL RGB image -> tensor ``(3, H, W)``; may be set after creation.
+        max_pixels: images with more pixels are not decoded (:func:`read_image`); ``None``: no limit.
 
     ``dataset[i]`` is ``(transform(image), i, ok)``. A missing or undecodable image does not
     raise: it gives ``(transform(black 64x64 RGB image), i, False)`` so that a DataLoader keeps
@@ -67,6 +170,7 @@ class ImageDataset(torch.utils.data.Dataset):
     targets: np.ndarray
     single_label: bool
     transform: Optional[Callable] = None
+    max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -93,16 +197,11 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[Any, int, bool]:
         """``(transform(PIL RGB image), i, ok)``; ``ok=False`` for a missing/undecodable image."""
         i = int(i)
-        path = self.files[i]
         ok = True
         try:
-            if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block forever, a device never ends
-                raise OSError(f"{path} is not a regular file")
-            with Image.open(path) as im:
-                im.load()
-                img = to_rgb(im)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            _logger.debug("bad image %s (%s: %s)", path, type(e).__name__, e)
+            img = read_image(self.files[i], self.max_pixels)
+        except UnreadableImage as e:
+            _logger.debug("bad image %s", e)
             img, ok = Image.new("RGB", BAD_IMAGE_SIZE), False
         if self.transform is not None:
             img = self.transform(img)
@@ -136,10 +235,22 @@ class ImageDataset(torch.utils.data.Dataset):
         """Ids whose image file does not exist (one ``os.stat`` each; run it before any compute)."""
         return [i for i, f in zip(self.ids, self.files) if not os.path.isfile(f)]  # isfile: regular files only
 
-    def fingerprint(self) -> str:
-        """sha256 hex over format, split, classes, ids, targets and each file's (size, mtime_ns).
+    def unreadable_reason(self, i: int) -> Optional[str]:
+        """Why image ``i`` cannot be read (``"<path>: <why>"``), or None when it can be now."""
+        try:
+            read_image(self.files[int(i)], self.max_pixels).close()
+        except UnreadableImage as e:
+            return str(e)
+        return None
 
-        It changes when an image file or a label changes, not when the data moves to another root.
+    def fingerprint(self) -> str:
+        """sha256 hex over format, split, classes, ids, targets, the pixel limit and, per file, its size, its
+        mtime_ns and a blake2b of its sampled bytes (the whole file up to :data:`SAMPLE_BYTES`, else blocks from
+        its start, middle and end).
+
+        It changes when a label or an image file changes -- also a file rewritten with other pixels but the same
+        size and mtime, unless it is larger than :data:`SAMPLE_BYTES` and the change misses all three blocks
+        (:meth:`content_digests` sees every byte) -- and not when the data moves to another root.
         """
         h = hashlib.sha256()
         for part in (self.format, str(self.split), "\x1f".join(self.classes), "\x1f".join(self.ids),
@@ -147,15 +258,18 @@ class ImageDataset(torch.utils.data.Dataset):
             h.update(part.encode("utf-8"))
             h.update(b"\x1e")
         h.update(self.targets.tobytes())
-        stats = np.empty((len(self.files), 2), dtype=np.int64)
-        for k, f in enumerate(self.files):
-            try:
-                st = os.stat(f)
-                stats[k] = (st.st_size, st.st_mtime_ns)
-            except OSError:
-                stats[k] = (-1, -1)
-        h.update(stats.tobytes())
+        keys = _map_files(_sample_digest, self.files)
+        h.update(np.asarray([k[:2] for k in keys], dtype=np.int64).reshape(-1, 2).tobytes())
+        for k in keys:
+            h.update(len(k[2]).to_bytes(1, "little") + k[2])
         return h.hexdigest()
+
+    def content_digests(self, rows: Optional[Sequence[int]] = None) -> np.ndarray:
+        """``(len(rows), 16)`` uint8 (default: all ``N`` files): blake2b-128 of every byte of each image file
+        (16 zeros for a missing file or one that is not a regular file)."""
+        files = self.files if rows is None else [self.files[int(i)] for i in rows]
+        got = _map_files(_full_digest, files)
+        return np.frombuffer(b"".join(got), dtype=np.uint8).reshape(len(files), 16).copy()
 
     # ------------------------------------------------------------------ derived datasets
     def subset(self, indices: Union[Sequence[int], np.ndarray]) -> "ImageDataset":
@@ -262,7 +376,8 @@ def get_format(name: str) -> DatasetFormat:
 
 def open_dataset(path: Union[str, os.PathLike], format: Optional[str] = None,  # noqa: A002
                  split: Optional[str] = None, *, difficult: str = "ignore",
-                 classes: Optional[Sequence[str]] = None) -> ImageDataset:
+                 classes: Optional[Sequence[str]] = None,
+                 max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> ImageDataset:
     """Open the dataset at ``path`` (format auto-detected unless given).
 
     Args:
@@ -275,6 +390,8 @@ def open_dataset(path: Union[str, os.PathLike], format: Optional[str] = None,  #
             protocol) or ``"positive"`` (1).
         classes: explicit class list: column order override (folder/manifest), or a subset/order of
             the dataset's classes (VOC/COCO).
+        max_pixels: images with more pixels are not decoded but counted as unreadable, naming the limit
+            (default :data:`DEFAULT_MAX_PIXELS`; ``0`` or ``None``: no limit).
 
     Returns:
         An :class:`ImageDataset` with at least one image.
@@ -283,6 +400,7 @@ def open_dataset(path: Union[str, os.PathLike], format: Optional[str] = None,  #
         DatasetError: missing/unreadable path, unknown format, empty split, bad label file.
     """
     p = Path(os.fspath(path)).expanduser()
+    limit = check_max_pixels(max_pixels)
     if difficult not in DIFFICULT_MODES:
         raise DatasetError(f"difficult={difficult!r} is not accepted; use one of {', '.join(DIFFICULT_MODES)}")
     if classes is not None:
@@ -300,10 +418,20 @@ def open_dataset(path: Union[str, os.PathLike], format: Optional[str] = None,  #
     else:
         fmt = _detect(p)
     ds = fmt.open(p, split, difficult=difficult, classes=classes)
+    ds.max_pixels = limit
     if len(ds) == 0:
         raise DatasetError(f"{p}: split {ds.split!r} holds no images; choose another split or fix its list")
     _logger.info("opened %r: %d images, %d classes", ds.name, len(ds), len(ds.classes))
     return ds
+
+
+def check_max_pixels(value: Optional[int]) -> Optional[int]:
+    """``max_pixels`` as :class:`ImageDataset` holds it: an int >= 1, or None (``0`` / ``None``: no limit)."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value == 0):
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise DatasetError(f"max_pixels={value!r}: give an integer >= 0 (0: no limit)", param="max_pixels")
+    return value
 
 
 def _detect(p: Path) -> DatasetFormat:

@@ -279,6 +279,30 @@ def _bad_image(kind: str):
     return build
 
 
+def png_header(path: Path, width: int, height: int) -> Path:
+    """A PNG that only declares its size (IHDR, no pixel data): a decompression bomb in 57 bytes."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    return path
+
+
+def _big_image(kind: str):
+    def build(tmp: Path) -> None:
+        _manifest(tmp / "data")
+        p = tmp / "data" / "img3.png"
+        if kind == "bomb":
+            png_header(p, 30000, 30000)
+        else:
+            _img(p, size=(200, 200), seed=3)
+    return build
+
+
 def _readonly(tmp: Path, mp: pytest.MonkeyPatch) -> None:
     ro = tmp / "ro"
     ro.mkdir()
@@ -316,6 +340,18 @@ CASES: list[Case] = [
     Case("truncated-jpeg-skip-bad", _bad_image("truncated"), SWEEP("{data}/manifest.csv", "{m3}", "--skip-bad"), 0,
          check=lambda out, o: (json.loads((out / "summary.json").read_text())["images"]["bad_ids"] == ["img3.jpg"]
                                and "skipped 1 unreadable image(s): img3.jpg" in o) or pytest.fail(o)),
+    Case("pixel-bomb", _big_image("bomb"), SWEEP(), 2,
+         ("img3.png", "30000x30000 = 900000000 pixels", "limit of 89478485 pixels", "--max-pixels", "--skip-bad")),
+    Case("over-max-pixels", _big_image("200x200"), SWEEP("{data}/manifest.csv", "{m3}", "--max-pixels", "10000"), 2,
+         ("img3.png", "200x200 = 40000 pixels", "limit of 10000 pixels", "raise --max-pixels")),
+    Case("over-max-pixels-skip-bad", _big_image("200x200"),
+         SWEEP("{data}/manifest.csv", "{m3}", "--max-pixels", "10000", "--skip-bad"), 0,
+         check=lambda out, o: (json.loads((out / "summary.json").read_text())["images"]["bad_ids"] == ["img3.png"]
+                               and "skipped 1 unreadable image(s): img3.png" in o) or pytest.fail(o)),
+    Case("max-pixels-zero-lifts-the-limit", _big_image("200x200"),
+         SWEEP("{data}/manifest.csv", "{m3}", "--max-pixels", "0"), 0, check=_ok()),
+    Case("max-pixels-negative", lambda t: _manifest(t / "data"),
+         SWEEP("{data}/manifest.csv", "{m3}", "--max-pixels", "-1"), 2, ("--max-pixels=-1", "0: no limit")),
     Case("grayscale-png", _mode_images("L"), SWEEP(), 0, check=_check_mode("L")),
     Case("cmyk-jpeg", _mode_images("CMYK"), SWEEP(), 0, check=_check_mode("CMYK")),
     Case("16-bit-png", _mode_images("I;16"), SWEEP(), 0, check=_check_mode("I;16")),
@@ -546,3 +582,37 @@ def test_json_nested_100k_deep_is_one_line(tmp_path, name):
     (tmp_path / name).write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(DatasetError, match="nested too deeply|cannot read"):
         open_dataset(tmp_path / name, format="coco" if "instances" in name else "manifest")
+
+
+# ----------------------------------------------------------------------------- the pixel limit (issue 15)
+def test_the_pixel_limit_is_ours_not_pils(tmp_path):
+    """No raw DecompressionBombWarning; PIL's own hard stop (2x its limit) does not pre-empt a raised limit;
+    PIL's global is left as it was."""
+    import warnings
+
+    from patchcsra.data import UnreadableImage, read_image
+
+    bomb = png_header(tmp_path / "bomb.png", 30000, 30000)
+    before = Image.MAX_IMAGE_PIXELS
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(UnreadableImage, match="over the limit of 89478485 pixels"):
+            read_image(bomb)
+        with pytest.raises(UnreadableImage) as e:  # no limit: PIL tries to decode, and finds no pixel data
+            read_image(bomb, None)
+        assert "pixels is over" not in str(e.value) and "bomb.png" in str(e.value)
+        big = _img(tmp_path / "big.png", size=(12000, 8))  # 96,000 pixels: at the limit is allowed, one over is not
+        assert read_image(big, 96_000).size == (12000, 8)
+        with pytest.raises(UnreadableImage, match="96000 pixels is over the limit of 95999"):
+            read_image(big, 95_999)
+    assert not [w for w in seen if issubclass(w.category, Image.DecompressionBombWarning)]
+    assert Image.MAX_IMAGE_PIXELS == before
+
+
+def test_explain_names_the_pixel_limit(tmp_path, models):
+    bomb = png_header(tmp_path / "bomb.png", 30000, 30000)
+    res = runner.invoke(app, ["explain", models["m3"], str(bomb), "--arch", f"{models['nets']}:tiny",
+                              "--input-size", "3,32,32", "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25",
+                              "-o", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "--max-pixels" in _message(res.output) and "bomb.png" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "x").exists()
