@@ -42,7 +42,8 @@ def _bad(param: str, value: Any, why: str) -> PatchCSRAError:
 
 @dataclass(frozen=True)
 class ModelSource:
-    """A model as the user names it: ``spec`` (``timm:NAME``, ``torchvision:NAME``, a file) and how to read it."""
+    """A model as the user names it: ``spec`` (``timm:NAME``, ``torchvision:NAME``, ``hf:ORG/NAME``, a file or
+    folder) and how to read it (``ema``: a training checkpoint's EMA weights)."""
 
     spec: Union[str, os.PathLike]
     arch: Optional[str] = None
@@ -50,13 +51,14 @@ class ModelSource:
     num_classes: Optional[int] = None
     pretrained: bool = True
     trust: bool = False
+    ema: bool = False
 
     def load(self):
         """The model, in eval mode (see :func:`patchcsra.load`)."""
         from .sources import load
 
         return load(self.spec, arch=self.arch, weights=self.weights, num_classes=self.num_classes,
-                    pretrained=self.pretrained, trust=self.trust)
+                    pretrained=self.pretrained, trust=self.trust, ema=self.ema)
 
     @property
     def name(self) -> str:

@@ -4,6 +4,9 @@ import warnings
 from pathlib import Path
 
 import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # CI has no internet: a hub lookup fails at once, not after 20 s of retries
+
 import torch
 
 HERE = Path(__file__).resolve().parent

@@ -21,7 +21,9 @@ err = Console(stderr=True)
 
 TRUST_HELP = ("load a file that runs code: a whole pickled model, a TorchScript or .pt2 archive (only from a "
               "source you trust)")
-SOURCE_HELP = "timm:NAME, torchvision:NAME, or a checkpoint file (state dict, safetensors, TorchScript, .pt2)"
+SOURCE_HELP = ("timm:NAME, torchvision:NAME, hf:ORG/NAME, ORG/NAME (a hub repo), a model folder (timm's save_for_hf, "
+               "transformers' save_pretrained) or a checkpoint file (state dict, timm training checkpoint, "
+               "safetensors, TorchScript, .pt2)")
 
 MODEL, TRANSFORM, RUN, OUTPUT = "Model", "Preprocessing", "Running", "Output"
 
@@ -37,6 +39,8 @@ NumClasses = Annotated[Optional[int], typer.Option("--num-classes", help="classe
 Pretrained = Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="fetch timm/torchvision weights",
                                           rich_help_panel=MODEL)]
 Trust = Annotated[bool, typer.Option("--trust", help=TRUST_HELP, rich_help_panel=MODEL)]
+Ema = Annotated[bool, typer.Option("--ema", help="take a training checkpoint's EMA weights (state_dict_ema, as "
+                                   "timm's train.py writes them)", rich_help_panel=MODEL)]
 ImgSize = Annotated[Optional[int], typer.Option("--img-size", help="evaluate at this square resolution",
                                                 rich_help_panel=TRANSFORM)]
 InputSize = Annotated[Optional[str], typer.Option("--input-size", help="C,H,W for models without a config, "
@@ -98,11 +102,11 @@ def parse_floats(text: Optional[str], name: str) -> Optional[list[float]]:
 
 
 def model_source(source: str, arch: Optional[str], weights: Optional[str], num_classes: Optional[int],
-                 pretrained: bool, trust: bool):
+                 pretrained: bool, trust: bool, ema: bool = False):
     from ..options import ModelSource
 
     return ModelSource(source, arch=arch, weights=weights, num_classes=num_classes, pretrained=pretrained,
-                       trust=trust)
+                       trust=trust, ema=ema)
 
 
 def transform_overrides(img_size: Optional[int], input_size: Optional[str], crop_pct: Optional[float],

@@ -8,8 +8,8 @@ import typer
 
 from ..errors import PatchCSRAError
 from ..options import DEFAULT_MAX_PIXELS
-from ._common import (OUTPUT, SOURCE_HELP, Arch, CropPct, Force, ImgSize, InputSize, Interpolation, MaxPixels, Mean,
-                      NumClasses, Pretrained, Std, Trust, Weights, err, fail, model_source, out, parse_float,
+from ._common import (OUTPUT, SOURCE_HELP, Arch, CropPct, Ema, Force, ImgSize, InputSize, Interpolation, MaxPixels,
+                      Mean, NumClasses, Pretrained, Std, Trust, Weights, err, fail, model_source, out, parse_float,
                       transform_overrides)
 
 
@@ -27,7 +27,7 @@ def explain(
     img_size: ImgSize = None, input_size: InputSize = None, crop_pct: CropPct = None,
     interpolation: Interpolation = None, mean: Mean = None, std: Std = None,
     arch: Arch = None, weights: Weights = None, num_classes: NumClasses = None, pretrained: Pretrained = True,
-    trust: Trust = False, force: Force = False,
+    trust: Trust = False, ema: Ema = False, force: Force = False,
 ) -> None:
     """Per-location class scores and attention maps over images (PNG grids + .npy)."""
     from ..data import model_label_names
@@ -41,7 +41,7 @@ def explain(
         t_v = parse_float(temperature, "--temperature")
         lam_v = None if lam is None else parse_float(lam, "--lam")
         with err.status(f"loading {source}"):
-            model = model_source(source, arch, weights, num_classes, pretrained, trust).load()
+            model = model_source(source, arch, weights, num_classes, pretrained, trust, ema).load()
         tf = transform_overrides(img_size, input_size, crop_pct, interpolation, mean, std)
         tf.apply_to(model)
         spec = tf.resolve(model)

@@ -9,9 +9,9 @@ import typer
 
 from ..errors import PatchCSRAError
 from ..options import DEFAULT_MAX_PIXELS
-from ._common import (OUTPUT, RUN, SOURCE_HELP, Arch, CropPct, Device, Force, ImgSize, InputSize, Interpolation,
-                      MaxPixels, Mean, NumClasses, Pretrained, Std, Trust, Weights, Workers, check_out, err, fail, interruptible,
-                      model_source, out, parse_float, parse_floats, run_inputs, transform_overrides)
+from ._common import (OUTPUT, RUN, SOURCE_HELP, Arch, CropPct, Ema, Device, Force, ImgSize, InputSize, Interpolation,
+                      MaxPixels, Mean, NumClasses, Pretrained, Std, Trust, Weights, Workers, check_out, err, fail,
+                      interruptible, model_source, out, parse_float, parse_floats, run_inputs, transform_overrides)
 
 GRID = "λ/T grid and choices"
 
@@ -58,7 +58,7 @@ def sweep_lambda(
                                       "again the images changed since they were cached (the cache key holds each "
                                       "file's size, mtime and sampled bytes)", rich_help_panel=RUN),
     arch: Arch = None, weights: Weights = None, num_classes: NumClasses = None, pretrained: Pretrained = True,
-    trust: Trust = False, force: Force = False,
+    trust: Trust = False, ema: Ema = False, force: Force = False,
 ) -> None:
     """Sweep λ (and T) over a dataset in one forward pass; write a Table-1 report."""
     from .. import dist
@@ -93,7 +93,7 @@ def sweep_lambda(
                 f"the images collected so far are in the stats cache {opts.cache_dir} (saved every "
                 f"{opts.save_every} images); run the same command again to resume")
         with interruptible(note), _collect_progress(not dist.is_main()) as cb:
-            run = run_sweep(model_source(source, arch, weights, num_classes, pretrained, trust), data, split=split,
+            run = run_sweep(model_source(source, arch, weights, num_classes, pretrained, trust, ema), data, split=split,
                             data_format=data_format, difficult=difficult, class_map=class_map, skip_bad=skip_bad,
                             grid=grid, transform=tf, options=opts, progress=cb, max_pixels=max_pixels)
         if run is None:  # another torchrun rank wrote nothing; rank 0 writes the run

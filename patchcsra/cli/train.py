@@ -8,9 +8,9 @@ import typer
 
 from ..errors import PatchCSRAError
 from ..options import DEFAULT_MAX_PIXELS
-from ._common import (OUTPUT, RUN, SOURCE_HELP, Arch, CropPct, Device, ImgSize, InputSize, Interpolation,
-                      MaxPixels, Mean, NumClasses, Pretrained, Std, Trust, Weights, Workers, check_out, device_arg, err, fail,
-                      interruptible, model_source, out, parse_floats, run_inputs, transform_overrides)
+from ._common import (OUTPUT, RUN, SOURCE_HELP, Arch, CropPct, Ema, Device, ImgSize, InputSize, Interpolation,
+                      MaxPixels, Mean, NumClasses, Pretrained, Std, Trust, Weights, Workers, check_out, device_arg,
+                      err, fail, interruptible, model_source, out, parse_floats, run_inputs, transform_overrides)
 
 HEAD, RECIPE = "Head", "Recipe"
 
@@ -54,7 +54,7 @@ def train_head(
     interpolation: Interpolation = None, mean: Mean = None, std: Std = None,
     workers: Workers = None, device: Device = "auto",
     arch: Arch = None, weights: Weights = None, num_classes: NumClasses = None, pretrained: Pretrained = True,
-    trust: Trust = False,
+    trust: Trust = False, ema: Ema = False,
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted run in OUT", rich_help_panel=RUN),
     force: bool = typer.Option(False, "--force", help="delete OUT and start over", rich_help_panel=OUTPUT),
 ) -> None:
@@ -79,7 +79,7 @@ def train_head(
         note = (f"every finished epoch is in {out_dir}/checkpoint.pt; run the same command with --resume to "
                 "continue")
         with interruptible(note), _EpochProgress(not dist.is_main()) as cb:
-            run = train_and_evaluate(model_source(source, arch, weights, num_classes, pretrained, trust), data,
+            run = train_and_evaluate(model_source(source, arch, weights, num_classes, pretrained, trust, ema), data,
                                      out_dir, split=split, eval_split=eval_split, data_format=data_format,
                                      difficult=difficult, class_map=class_map, config=cfg,
                                      transform=transform_overrides(img_size, input_size, crop_pct, interpolation,
