@@ -53,6 +53,7 @@ class Prepared:
     transform: Any
     model_name: str
     fixed_lam: float
+    limit: Optional[dict] = None  # {"n", "seed", "of"} when a subset is scored
 
 
 @dataclass
@@ -94,14 +95,15 @@ def prepare(source: Union[str, os.PathLike, nn.Module, ModelSource], data: Union
             class_map: Optional[Union[str, Path, Mapping[str, int]]] = None,
             transform: Optional[TransformOverrides] = None, fixed_lam: Optional[float] = None,
             load_kwargs: Optional[dict] = None, model_name: Optional[str] = None, max_pixels: Optional[int] = None,
-            **transform_kwargs: Any) -> Prepared:
+            limit: Optional[int] = None, limit_seed: int = 0, **transform_kwargs: Any) -> Prepared:
     """Load and patch the model, open the dataset, resolve the transform and match the classes.
 
     ``transform`` (a :class:`~patchcsra.options.TransformOverrides`) or its fields as keywords (``img_size=``,
     ``input_size=``, ``crop_pct=``, ``interpolation=``, ``mean=``, ``std=``) override the model's preprocessing;
     ``model_name`` is what tables call the model (default: the library name, file name or class);
     ``max_pixels`` is the dataset's pixel limit (``None``: the dataset's own, by default
-    :data:`~patchcsra.data.DEFAULT_MAX_PIXELS`; ``0``: no limit).
+    :data:`~patchcsra.data.DEFAULT_MAX_PIXELS`; ``0``: no limit); ``limit`` keeps a seeded, class-stratified
+    subset of that many images (:meth:`~patchcsra.data.ImageDataset.sample` with ``limit_seed``).
     Everything that can be wrong with the input is found here, before any forward pass over the data.
     """
     from .data import align_classes, model_label_ids, model_label_names, open_dataset
@@ -109,7 +111,7 @@ def prepare(source: Union[str, os.PathLike, nn.Module, ModelSource], data: Union
     from .sources import PatchedArchive
 
     tf = split_options(transform_kwargs, transform=transform, allowed=(TransformOverrides,))[0]
-    limit = check_max_pixels(max_pixels) if max_pixels is not None else None
+    pixel_limit = check_max_pixels(max_pixels) if max_pixels is not None else None
     model = _load(source, load_kwargs)
     name = model_name or _model_name(source)
     if isinstance(model, (PatchedArchive, PatchedClassifier)) or getattr(model, "patchcsra_meta", None):
@@ -121,7 +123,11 @@ def prepare(source: Union[str, os.PathLike, nn.Module, ModelSource], data: Union
     if len(dataset) == 0:
         raise DatasetError(f"{data}: split {split!r} has no images")
     if max_pixels is not None:
-        dataset.max_pixels = limit
+        dataset.max_pixels = pixel_limit
+    limited = None
+    if limit is not None:
+        limited = {"n": int(limit), "seed": int(limit_seed), "of": len(dataset)}
+        dataset = dataset.sample(limit, limit_seed)
     try:
         patched = patch(model, lam=0.0, input_size=spec.input_size)
     except HeadNotFoundError as e:  # name the model the user gave (a file, timm:NAME ...), not only its class
@@ -130,7 +136,7 @@ def prepare(source: Union[str, os.PathLike, nn.Module, ModelSource], data: Union
                           model_ids=model_label_ids(model), class_map=class_map)
     dataset.transform = spec.build()
     lam = default_lam(model) if fixed_lam is None else float(fixed_lam)
-    return Prepared(model, patched, dataset, [int(i) for i in index], spec, name, lam)
+    return Prepared(model, patched, dataset, [int(i) for i in index], spec, name, lam, limited)
 
 
 def sweep_lambda(source: Union[str, os.PathLike, nn.Module, ModelSource], data: Union[str, os.PathLike, Any], *,
@@ -139,7 +145,8 @@ def sweep_lambda(source: Union[str, os.PathLike, nn.Module, ModelSource], data: 
                  grid: Optional[SweepOptions] = None, transform: Optional[TransformOverrides] = None,
                  options: Optional[CollectOptions] = None, load_kwargs: Optional[dict] = None,
                  model_name: Optional[str] = None, progress: Optional[Callable[[int, int], None]] = None,
-                 max_pixels: Optional[int] = None, **option_kwargs: Any) -> Optional[SweepRun]:
+                 max_pixels: Optional[int] = None, limit: Optional[int] = None,
+                 **option_kwargs: Any) -> Optional[SweepRun]:
     """Patch ``source``, collect scores over ``data`` in one pass, and sweep the λ/T grid.
 
     Under ``torchrun`` (after :func:`patchcsra.dist.init_from_env`) every rank collects its shard and
@@ -164,13 +171,15 @@ def sweep_lambda(source: Union[str, os.PathLike, nn.Module, ModelSource], data: 
         progress: ``progress(done, total)`` callback during the pass.
         max_pixels: images with more pixels are not decoded but unreadable, naming the limit (``None``: the
             dataset's own, :data:`~patchcsra.data.DEFAULT_MAX_PIXELS` for a path; ``0``: no limit).
+        limit: score a seeded (the grid's ``seed``), class-stratified subset of this many images; recorded in
+            ``summary.json`` under ``dataset.limit``.
         **option_kwargs: any field of the three option classes, e.g. ``lams=[0, 0.1]``, ``img_size=448``,
             ``workers=0``: merged into them once, here.
     """
     tf, opts, so = split_options(option_kwargs, transform=transform, collect=options, sweep=grid)
     prep = prepare(source, data, split=split, data_format=data_format, difficult=difficult, class_map=class_map,
                    transform=tf, fixed_lam=so.fixed_lam, load_kwargs=load_kwargs, model_name=model_name,
-                   max_pixels=max_pixels)
+                   max_pixels=max_pixels, limit=limit, limit_seed=so.seed)
     ds = prep.dataset
     where = dict(zip(ds.ids, ds.files))  # id -> file, to name images in messages
     missing = ds.missing_files()
@@ -221,7 +230,8 @@ def _summary(result: SweepResult, prep: Prepared, source, ds, difficult: str, op
         model={"name": prep.model_name, "source": src, "class": info.model_class, "head": info.as_dict(),
                "class_index": prep.class_index},
         dataset={"name": ds.name, "format": ds.format, "root": str(ds.root), "split": ds.split,
-                 "fingerprint": ds.fingerprint(), "single_label": bool(ds.single_label), "difficult": difficult},
+                 "fingerprint": ds.fingerprint(), "single_label": bool(ds.single_label), "difficult": difficult,
+                 **({"limit": prep.limit} if prep.limit else {})},
         transform=prep.transform.as_dict(),
         collect={"batch_size": opts.batch_size, **stats.meta, "seconds": round(seconds, 3),  # meta: after OOM retries
                  "images_per_s": round(stats.meta.get("forward_images", 0) / seconds, 2) if seconds > 0 else None},

@@ -5,7 +5,7 @@
 * :class:`TransformOverrides` -- timm-style preprocessing overrides (``img_size``, ``input_size``,
   ``crop_pct``, ``interpolation``, ``mean``, ``std``); ``resolve(model)`` gives the run's ``TransformSpec``.
 * :class:`CollectOptions` -- how the one pass runs (``batch_size``, ``device``, ``amp``, ``channels_last``,
-  ``workers``, ``cache_dir``, ``save_every``, ``verify_cache``).
+  ``workers``, ``cache_dir``, ``save_every``, ``save_interval``, ``verify_cache``).
 * :class:`SweepOptions` -- the λ/T grid and how λ is chosen (``lams``, ``temperatures``, ``fixed_lam``,
   ``metric``, ``folds``, ``bootstrap``, ``seed``).
 
@@ -122,11 +122,18 @@ class CollectOptions:
     workers: Optional[int] = None
     cache_dir: Optional[Union[str, Path]] = None
     save_every: int = 1024
+    save_interval: float = 30.0
     verify_cache: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.verify_cache, bool):
             raise _bad("verify_cache", self.verify_cache, "give True or False")
+        try:
+            ok = float(self.save_interval) > 0 and not math.isnan(float(self.save_interval))
+        except (TypeError, ValueError):
+            ok = False
+        if isinstance(self.save_interval, bool) or not ok:
+            raise _bad("save_interval", self.save_interval, "give seconds > 0 (inf: by image count only)")
         for name in ("batch_size", "save_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -140,7 +141,8 @@ def collect(patched: PatchedClassifier, dataset, *, temperatures: Sequence[float
             :func:`~patchcsra.runtime.default_workers`); ``device`` ``auto``/``cpu``/``cuda[:N]``; ``amp``
             ``auto`` (bf16 on CUDA) / ``bf16`` / ``fp16`` / ``none``; ``channels_last`` NHWC (default: on CUDA);
             ``cache_dir`` where entries are kept (``None``: no caching or resuming); ``save_every`` images per
-            cache part (how much an interruption can lose); ``verify_cache`` hashes every byte of every image and
+            cache part and ``save_interval`` seconds between parts, whichever comes first (how much an
+            interruption can lose); ``verify_cache`` hashes every byte of every image and
             computes again the rows of any file that changed since its rows were cached (the cache key holds each
             file's size, mtime and sampled bytes, see :meth:`~patchcsra.data.ImageDataset.fingerprint`).
         fingerprint: extra facts that identify the run (model spec, transform); hashed into the key.
@@ -414,15 +416,17 @@ def _run(p: _Plan, rows: list[int], temps: Sequence[float], out: dict[str, Tenso
     step = rows[1] - rows[0] if len(rows) > 1 else 1  # 1 in a single process; the world size under torchrun
     bs, retries = opts.batch_size, 0  # the current chunk size; it only ever shrinks
     saved, done = 0, 0  # rows of ``out`` saved to the cache / written
+    last_save = time.monotonic()
     with torch.inference_mode():
         for x, _, ok in loader:
             bs, r = _forward_chunks(forward, x, done, bs, p.dev)
             retries += r
             out["ok"][done:done + x.shape[0]] = ok.bool()
             done += x.shape[0]
-            if entry is not None and (done - saved >= opts.save_every or done == len(rows)):
+            due = done - saved >= opts.save_every or time.monotonic() - last_save >= opts.save_interval
+            if entry is not None and (due or done == len(rows)):
                 save_part_or_give_up(entry, start + saved, {k: v[saved:done].clone() for k, v in out.items()})
-                saved = done
+                saved, last_save = done, time.monotonic()
             if progress is not None:
                 progress(min(n, start + done * step), n)
     return bs, retries

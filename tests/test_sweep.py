@@ -133,6 +133,29 @@ def test_collect_resumes_after_interruption(tmp_path):
     torch.testing.assert_close(resumed.att, full.att)
 
 
+def test_cache_parts_are_saved_by_time_too(tmp_path, monkeypatch):
+    """A part every ``save_interval`` seconds, even far below ``save_every`` images: a kill loses at most that."""
+    import patchcsra.stats as S
+    from patchcsra.errors import PatchCSRAError
+
+    ds = open_dataset(_folder(tmp_path / "data", n_per_class=4))
+    model = _tiny_model()
+    spec = resolve_transform(model, img_size=64)
+    ds.transform = spec.build()
+    patched = patchcsra.patch(model, lam=0.0, input_size=spec.input_size)
+    clock = iter(range(0, 10_000, 50))  # 50 s between two reads of the clock: every batch is due
+    monkeypatch.setattr(S.time, "monotonic", lambda: float(next(clock)))
+    collect(patched, ds, batch_size=4, workers=0, cache_dir=tmp_path / "c", save_every=10_000, save_interval=30)
+    [entry] = [d for d in (tmp_path / "c").iterdir() if d.is_dir()]
+    assert len(list(entry.glob("part-*.pt"))) == 3  # 12 images, batches of 4
+    monkeypatch.setattr(S.time, "monotonic", lambda: 0.0)  # a frozen clock: by count only
+    collect(patched, ds, batch_size=4, workers=0, cache_dir=tmp_path / "d", save_every=10_000, save_interval=30)
+    [entry] = [d for d in (tmp_path / "d").iterdir() if d.is_dir()]
+    assert len(list(entry.glob("part-*.pt"))) == 1
+    with pytest.raises(PatchCSRAError, match="save_interval=0"):
+        collect(patched, ds, workers=0, save_interval=0)
+
+
 def test_collect_marks_unreadable_images(tmp_path):
     root = _folder(tmp_path / "data")
     (root / "a" / "zzz.png").write_bytes(b"not an image")

@@ -43,6 +43,8 @@ def sweep_lambda(
     difficult: str = typer.Option("ignore", "--difficult", help="VOC difficult-only labels: ignore | positive"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="score without missing/unreadable images"),
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
+    limit: Optional[int] = typer.Option(None, "--limit", help="score a seeded (--seed), class-stratified subset of "
+                                        "N images (recorded in summary.json)"),
     img_size: ImgSize = None, input_size: InputSize = None, crop_pct: CropPct = None,
     interpolation: Interpolation = None, mean: Mean = None, std: Std = None,
     batch_size: int = typer.Option(32, "--batch-size", "-b", help="images per forward pass", rich_help_panel=RUN),
@@ -54,6 +56,8 @@ def sweep_lambda(
                                              "or ~/.cache/patchcsra)", rich_help_panel=RUN),
     no_cache: bool = typer.Option(False, "--no-cache", help="do not read or write the stats cache",
                                   rich_help_panel=RUN),
+    save_interval: float = typer.Option(30.0, "--save-interval", help="seconds between stats cache parts (what an "
+                                        "interruption can lose; also a part every 1024 images)", rich_help_panel=RUN),
     verify_cache: bool = typer.Option(False, "--verify-cache", help="hash every byte of every image and compute "
                                       "again the images changed since they were cached (the cache key holds each "
                                       "file's size, mtime and sampled bytes)", rich_help_panel=RUN),
@@ -88,14 +92,15 @@ def sweep_lambda(
         tf = transform_overrides(img_size, input_size, crop_pct, interpolation, mean, std)
         opts = CollectOptions(batch_size=batch_size, device=device, amp=amp, channels_last=channels_last,
                               workers=workers, cache_dir=None if no_cache else (cache_dir or default_cache_dir()),
-                              verify_cache=verify_cache)
+                              verify_cache=verify_cache, save_interval=save_interval)
         note = ("nothing was kept (--no-cache)" if opts.cache_dir is None else
                 f"the images collected so far are in the stats cache {opts.cache_dir} (saved every "
-                f"{opts.save_every} images); run the same command again to resume")
+                f"{opts.save_interval:g} s or {opts.save_every} images); run the same command again to resume")
         with interruptible(note), _collect_progress(not dist.is_main()) as cb:
             run = run_sweep(model_source(source, arch, weights, num_classes, pretrained, trust, ema), data, split=split,
                             data_format=data_format, difficult=difficult, class_map=class_map, skip_bad=skip_bad,
-                            grid=grid, transform=tf, options=opts, progress=cb, max_pixels=max_pixels)
+                            grid=grid, transform=tf, options=opts, progress=cb, max_pixels=max_pixels,
+                            limit=limit)
         if run is None:  # another torchrun rank wrote nothing; rank 0 writes the run
             return
         run.write(out_dir, force=force)

@@ -286,6 +286,40 @@ class ImageDataset(torch.utils.data.Dataset):
             self, files=tuple(self.files[k] for k in idx), ids=tuple(self.ids[k] for k in idx),
             targets=self.targets[idx])
 
+    def sample(self, n: int, seed: int = 0) -> "ImageDataset":
+        """A seeded, class-stratified subset of ``n`` images, in the dataset's order (``n >= N``: all of them).
+
+        Each image belongs to the stratum of its rarest positive class (images without positives form one
+        more); every stratum gets its share of ``n`` (largest remainders, at least one image for each stratum
+        while ``n`` allows), drawn by a ``seed``-ed permutation. The same ``(n, seed)`` gives the same images.
+        """
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise DatasetError(f"limit={n!r}: give a number of images >= 1", param="limit")
+        total = len(self)
+        if n >= total:
+            return self
+        pos = self.targets == 1
+        count = pos.sum(axis=0)
+        rarest = np.where(pos.any(axis=1), np.where(pos, count[None, :], np.iinfo(np.int64).max).argmin(axis=1), -1)
+        rng = np.random.default_rng(seed)
+        strata = [np.flatnonzero(rarest == k) for k in np.unique(rarest)]
+        strata = [rng.permutation(ix) for ix in strata]
+        share = np.array([len(ix) for ix in strata], dtype=np.float64) * n / total
+        quota = np.floor(share).astype(int)
+        if n >= len(strata):
+            quota = np.maximum(quota, 1)
+        order = np.argsort(-(share - np.floor(share)), kind="stable")
+        k = 0
+        while quota.sum() < n:  # largest remainders first
+            j = order[k % len(order)]
+            if quota[j] < len(strata[j]):
+                quota[j] += 1
+            k += 1
+        while quota.sum() > n:  # the minimum of one per stratum overshot: trim the largest
+            quota[int(np.argmax(quota))] -= 1
+        keep = np.sort(np.concatenate([ix[:q] for ix, q in zip(strata, quota)]))
+        return self.subset(keep)
+
     def select_classes(self, order: Sequence[int]) -> "ImageDataset":
         """Keep/reorder target columns: new class ``j`` is old class ``order[j]``."""
         idx = np.asarray(order, dtype=np.int64).reshape(-1)
