@@ -106,6 +106,33 @@ elif target == "getitem":
         return real_get(self, i)
 
     ImageDataset.__getitem__ = getitem
+elif target == "signal":  # Ctrl-C / a scheduler's SIGTERM while the k-th image loads
+    from patchcsra.data.base import ImageDataset
+
+    real_get = ImageDataset.__getitem__
+
+    def getitem(self, i):
+        if hit(""):
+            os.kill(os.getpid(), getattr(signal, spec["signal"]))
+        return real_get(self, i)
+
+    ImageDataset.__getitem__ = getitem
+elif target == "barrier":  # two processes reach the final write together: only the name claim can decide
+    import time
+    import patchcsra.report as R
+
+    real_write = R.write_run
+
+    def write_run(*a, **kw):
+        d = Path(spec["barrier"])
+        d.mkdir(exist_ok=True)
+        (d / str(os.getpid())).touch()
+        t0 = time.time()
+        while len(list(d.iterdir())) < 2 and time.time() - t0 < 120:
+            time.sleep(0.02)
+        return real_write(*a, **kw)
+
+    R.write_run = write_run
 elif target == "plot_curve":
     import patchcsra.report as R
 
@@ -173,6 +200,17 @@ def _kill(tmp: Path, argv: list[str], target: str, k: int = 1, match: str = "", 
     r = subprocess.run([sys.executable, str(driver)], env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == -signal.SIGKILL, f"rc={r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
     return json.loads(snap.read_text()) if snapshot is not None else None
+
+
+def _driver(tmp: Path, argv: list, target: str, **extra) -> tuple[list[str], dict]:
+    """The command line and environment that run the CLI under ``_DRIVER`` (``target``: what it hooks)."""
+    driver = tmp / "kill_driver.py"
+    driver.write_text(_DRIVER)
+    spec = {"argv": [str(a) for a in argv], "target": target, "k": 1, "match": "", "snapshot": None,
+            "threads": torch.get_num_threads(), "sys_path": [str(HERE), str(REPO / "benchmarks"), str(REPO)],
+            **extra}
+    return [sys.executable, str(driver)], {**os.environ, "PATCHCSRA_KILL_SPEC": json.dumps(spec),
+                                           "PYTHONPATH": str(REPO)}
 
 
 def _invoke(args: list) -> None:
@@ -400,3 +438,41 @@ def test_cli_says_when_it_retried(world, monkeypatch, tmp_path):
     # collected at batch size 2 instead of 4 (other CPU kernels): the same metrics within float32 round-off
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "o" / "results.csv"),
                                   pd.read_csv(world["ref"] / "results.csv"), check_exact=False, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- Ctrl-C, SIGTERM, two runs at once
+@pytest.mark.parametrize("sig,code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_an_interrupted_sweep_says_what_was_saved_and_resumes(world, tmp_path, sig, code):
+    cache = tmp_path / "cache"
+    argv = world["sweep"] + ["--cache-dir", cache, "--out", tmp_path / "out"]
+    cmd, env = _driver(tmp_path, argv, "signal", k=14, signal=sig, save_every=4)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == code, f"rc={r.returncode}\n{r.stderr[-3000:]}"
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("interrupted:"), r.stderr
+    said = " ".join(r.stderr.split())
+    assert str(cache) in said and "run the same command again to resume" in said and "Traceback" not in said
+    assert not (tmp_path / "out").exists()
+    _invoke(argv)  # the same command: resumes from the saved parts
+    s = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert 0 < s["collect"]["forward_images"] < N_CLASSES * PER_CLASS
+    for f in ("results.csv", "per_class.csv"):
+        assert _sha(tmp_path / "out" / f) == _sha(world["ref"] / f), f
+
+
+def test_two_processes_into_one_new_out_one_wins_the_other_says_so(world, tmp_path):
+    out = tmp_path / "out"
+    argv = world["sweep"] + ["--no-cache", "--out", out]
+    cmd, env = _driver(tmp_path, argv, "barrier", barrier=str(tmp_path / "barrier"))
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stdout.read(), p.stderr.read()) for p in procs]
+    codes = sorted(rc for rc, _, _ in results)
+    assert codes == [0, 2], results
+    _, _, lost = next(r for r in results if r[0] == 2)
+    lines = [ln for ln in lost.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and str(out.name) in lines[0], lost
+    assert "Traceback" not in lost
+    for f in ("results.csv", "per_class.csv"):  # the winner's run is whole
+        assert _sha(out / f) == _sha(world["ref"] / f), f
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
