@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .errors import PatchCSRAError
 from .heads import HeadInfo, HeadSplit, discover
+from .heads.probe import resolve_input_size
 
 __all__ = ["residual_attention", "attention_weights", "PatchedClassifier", "patch", "describe", "default_lam",
            "check_lam", "check_temperature", "check_temperatures", "temperature_text", "temperature_json"]
@@ -89,13 +90,22 @@ def residual_attention(scores: Tensor, temperature: float = math.inf) -> Tensor:
 
 
 def default_lam(model: nn.Module) -> float:
-    """The paper's fixed λ (Table 1): 0.02 for ResNet-family models, 0.2 for every other model."""
+    """The paper's fixed λ (Table 1): 0.02 for ResNet-family models, 0.2 for every other model.
+
+    The family is what the model is, recorded when it was loaded (``patchcsra_source['family']``: the timm /
+    torchvision name, the class a TorchScript module was scripted from, the library modules of a ``.pt2``
+    graph), so a ResNet gets 0.02 from a state dict, a pickle, TorchScript or ``.pt2`` alike.
+    """
+    from .sources import model_family
+
     target = model
     split = getattr(model, "split", None)
     inner = getattr(split, "model", None)
     if isinstance(inner, nn.Module):
         target = inner
-    return 0.02 if "resne" in type(target).__name__.lower() else 0.2
+    src = getattr(model, "patchcsra_source", None) or getattr(target, "patchcsra_source", None)
+    family = src.get("family") if isinstance(src, dict) else None
+    return 0.02 if "resne" in str(family or model_family(target)).lower() else 0.2
 
 
 class PatchedClassifier(nn.Module):
@@ -112,6 +122,7 @@ class PatchedClassifier(nn.Module):
         self.split = split
         self.register_buffer("_lam", torch.tensor(check_lam(lam), dtype=torch.float64))
         self.temperature = check_temperature(temperature)
+        self.probe_guessed = False  # True when the probe size was a guess (see heads.probe.resolve_input_size)
 
     @property
     def lam(self) -> float:
@@ -161,7 +172,8 @@ def patch(model: nn.Module, lam: Optional[float] = None, temperature: float = ma
             it is put in eval mode and shared (not copied) by the result.
         lam: λ >= 0; ``None`` takes :func:`default_lam` (0.02 ResNets, 0.2 otherwise).
         temperature: ``inf`` for ``max_k s_k`` (default), or T > 0 for softmax attention.
-        input_size: ``(C, H, W)`` of the probe used to find and check the head.
+        input_size: ``(C, H, W)`` of the probe used to find and check the head; default from the model's
+            config, else ``(3, 224, 224)`` with one warning (``patched.probe_guessed`` is then True).
 
     Returns:
         A :class:`PatchedClassifier` with the same input and output shape as ``model``.
@@ -178,8 +190,11 @@ def patch(model: nn.Module, lam: Optional[float] = None, temperature: float = ma
         raise PatchCSRAError(f"{type(model).__name__} is already patched; change its .lam instead")
     check_temperature(temperature)
     lam = default_lam(model) if lam is None else check_lam(lam)
-    split = discover(model, input_size=input_size)
-    return PatchedClassifier(split, lam, temperature).eval()
+    size, guessed = resolve_input_size(model, input_size)
+    split = discover(model, input_size=size)
+    patched = PatchedClassifier(split, lam, temperature).eval()
+    patched.probe_guessed = guessed
+    return patched
 
 
 def describe(model: nn.Module, *, input_size: Optional[Sequence[int]] = None) -> HeadInfo:
@@ -192,6 +207,7 @@ def describe(model: nn.Module, *, input_size: Optional[Sequence[int]] = None) ->
                              "(CLI: patchcsra describe FILE prints it)")
     if meta:
         return HeadInfo.from_dict(meta["head"])
-    info = discover(model, input_size=input_size).info
+    size, _ = resolve_input_size(model, input_size)
+    info = discover(model, input_size=size).info
     assert info is not None
     return info

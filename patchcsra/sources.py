@@ -435,6 +435,10 @@ def _load_file(path: Path, *, arch: Optional[str], trust: bool, num_classes: Opt
         raise SourceError(f"{path}: no such file{hint}")
     if path.is_dir():
         return _load_folder(path, True, num_classes, model_kwargs)
+    if path.suffix.lower() == ".onnx":
+        raise SourceError(f"{path} is an ONNX model: patchcsra does not run ONNX; run it with onnxruntime "
+                          "(onnxruntime.InferenceSession(path)); its record is metadata_props['patchcsra.json'] "
+                          "(patchcsra.export.read_onnx_metadata)")
     kind = "torch.export" if path.suffix.lower() == ".pt2" else "TorchScript" if _is_torchscript(path) else None
     if kind is not None:
         if not trust:

@@ -21,9 +21,9 @@ def _model():
 
 def test_export_format_by_suffix_and_flag():
     assert export_format("a.pt2") == "export" and export_format("a.pt") == "torchscript"
-    assert export_format("a.pt2", "torchscript") == "torchscript"
-    with pytest.raises(ExportError, match="format='onnx'"):
-        export_format("a.pt", "onnx")
+    assert export_format("a.pt2", "torchscript") == "torchscript" and export_format("a.onnx") == "onnx"
+    with pytest.raises(ExportError, match="format='tflite'"):
+        export_format("a.pt", "tflite")
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".pt2"])

@@ -100,10 +100,12 @@ def test_describe_reports_head(name, kind):
     assert info.num_locations == (16 if "vit" in name else 4)
 
 
-def test_multibranch_model_refused_with_reason():
-    model = timm.create_model("crossvit_tiny_240", pretrained=False)
-    with pytest.raises(patchcsra.HeadNotFoundError, match=r"CrossVit: .*multi-branch"):
-        patchcsra.patch(model, lam=0.1)
+def test_multibranch_models_go_to_their_adapter_single_branch_coat_does_not():
+    # CrossViT / CoaT parallel / EfficientViM: tests/test_timm_multibranch.py; CoaT-Lite has one branch
+    info = patchcsra.describe(timm.create_model("crossvit_tiny_240", img_size=120), input_size=(3, 120, 120))
+    assert (info.adapter, info.layout) == ("timm-multi", "multi")
+    info = patchcsra.describe(timm.create_model("coat_lite_tiny", img_size=64), input_size=S64)
+    assert (info.adapter, info.layout, info.num_prefix_tokens) == ("timm", "NLC", 1)
 
 
 def test_finite_temperature_is_softmax_attention():

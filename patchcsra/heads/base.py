@@ -9,7 +9,11 @@ A classifier is ``features -> pooling -> head``. A :class:`HeadSplit` exposes th
 * ``forward_single(v)``    ``(N, D)`` -> ``(N, C)``: the model's own head applied to a feature
   set that holds one location only (the residual principle, DESIGN.md section 1).
 
-From these, ``forward_locations(f)`` gives the per-location class scores ``(B, C, L)``. Layout helpers:
+From these, ``forward_locations(f)`` gives the per-location class scores ``(B, C, L)``. A split may
+override ``forward_locations`` and ``validate_locations`` when its locations are not one symmetric map:
+multi-branch features (a list of per-branch tensors, ``multi_branch = True``, layout ``'multi'``:
+:mod:`patchcsra.heads.timm_multi`) and positional attention pooling (CLIP ResNets:
+:class:`patchcsra.heads.timm.TimmAttentionPoolSplit`). Layout helpers:
 :func:`to_locations` / :func:`from_locations` (``(B, L, D)``), :func:`locations_to_map` (``(B, D, H, W)``).
 
 Adapters register themselves with :func:`register_adapter`; :func:`discover` walks them in
@@ -31,7 +35,8 @@ from ..errors import HeadNotFoundError, PatchCSRAError
 
 __all__ = [
     "HeadInfo", "HeadSplit", "Adapter", "register_adapter", "list_adapters", "discover",
-    "to_locations", "from_locations", "locations_to_map", "token_grid", "LAYOUTS", "set_eval", "probe_input", "default_input_size", "allclose_logits",
+    "to_locations", "from_locations", "locations_to_map", "token_grid", "LAYOUTS", "validate_single_map",
+    "cyclic_permutation", "set_eval", "probe_input", "default_input_size", "allclose_logits",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -47,7 +52,7 @@ class HeadInfo:
     model_class: str                  # e.g. 'timm.models.resnet.ResNet'
     kind: str                         # pooling + head modules, e.g. 'avg+Linear'
     pooling: str                      # 'avg', 'max', 'avgmax', 'token', 'map', ...
-    layout: str                       # 'NCHW' | 'NHWC' | 'NLC'
+    layout: str                       # 'NCHW' | 'NHWC' | 'NLC' | 'multi' (per-branch tensors)
     num_prefix_tokens: int            # class/distillation/register tokens (NLC only)
     num_locations: int                # L at the probe size
     grid: Optional[tuple[int, int]]   # (H', W') of the feature map when known
@@ -164,6 +169,7 @@ class HeadSplit(nn.Module):
     layout: str = "NCHW"
     num_prefix_tokens: int = 0
     pooling: str = "avg"
+    multi_branch: bool = False        # features are a list of per-branch tensors (see heads.timm_multi)
 
     def __init__(self) -> None:
         super().__init__()
@@ -187,6 +193,15 @@ class HeadSplit(nn.Module):
         b, n, d = t.shape
         s = self.forward_single(t.reshape(b * n, d))
         return s.reshape(b, n, -1).transpose(1, 2)
+
+    def validate_locations(self, f: Tensor, base: Tensor) -> tuple[str, dict]:
+        """Checks of the per-location scores on the probe's features ``f`` and logits ``base`` ``(B, C)``.
+
+        Returns ``('', facts)`` (``num_locations``, ``grid``, ``feature_dim``, ``num_classes``,
+        ``exact_linear``) or ``(reason, {})``. Default: :func:`validate_single_map`; a split whose
+        locations are not one symmetric map (multi-branch, positional attention pooling) overrides it.
+        """
+        return validate_single_map(self, f, base)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_baseline(self.forward_features(x))
@@ -304,40 +319,57 @@ def _model_output(model: nn.Module, x: Tensor) -> Tensor:
 
 
 def _validate(split: HeadSplit, model: nn.Module, x: Tensor, y: Tensor) -> tuple[bool, str, dict]:
-    """Check a candidate split on the probe. Returns (ok, reason, facts)."""
+    """Check a candidate split on the probe. Returns (ok, reason, facts).
+
+    Common to every split: its baseline reproduces ``model(x)`` and the logits are ``(B, C)``; the
+    per-location checks are the split's own (:meth:`HeadSplit.validate_locations`)."""
     f = split.forward_features(x)
-    if not isinstance(f, Tensor):
+    if not isinstance(f, Tensor) and not split.multi_branch:
         return False, f"features are a {type(f).__name__}, not one tensor (multi-branch model)", {}
     base = split.forward_baseline(f)
     if not allclose_logits(base, y):
         return False, "its pooling head applied to its features does not reproduce model(x)", {}
     if y.ndim != 2:
         return False, f"logits have shape {tuple(y.shape)}, expected (B, C)", {}
+    reason, facts = split.validate_locations(f, base)
+    return (not reason), reason, facts
+
+
+def cyclic_permutation(n: int, generator: torch.Generator) -> Tensor:
+    """A random permutation of ``n`` locations that moves every one of them (one n-cycle, ``n >= 2``), so a head
+    that reads a fixed position (a class token taken for a location) cannot pass the symmetry check by luck."""
+    p = torch.randperm(n, generator=generator)
+    q = torch.empty_like(p)
+    q[p] = p.roll(-1)
+    return q
+
+
+def validate_single_map(split: HeadSplit, f: Tensor, base: Tensor) -> tuple[str, dict]:
+    """The checks of a split whose features are one map or token tensor ``f`` and whose baseline is ``base``
+    ``(B, C)``: at least two locations, scores ``(B, C, L)``, pooling symmetric in the locations, single-location
+    head equal to the head on a constant map. Returns ``('', facts)`` or ``(reason, {})``."""
     t = to_locations(f, split.layout, split.num_prefix_tokens)
     if t.ndim != 3 or t.shape[1] < 2:
-        return False, (f"features of shape {tuple(f.shape)} hold {t.shape[1] if t.ndim == 3 else 0} "
-                       "spatial location(s); the patch needs a map (try a larger input_size)"), {}
+        return (f"features of shape {tuple(f.shape)} hold {t.shape[1] if t.ndim == 3 else 0} "
+                "spatial location(s); the patch needs a map (try a larger input_size)"), {}
     b, n, d = t.shape
     s = split.forward_locations(f)
-    if s.shape != (b, y.shape[1], n):
-        return False, f"per-location scores have shape {tuple(s.shape)}, expected {(b, y.shape[1], n)}", {}
+    if s.shape != (b, base.shape[1], n):
+        return f"per-location scores have shape {tuple(s.shape)}, expected {(b, base.shape[1], n)}", {}
     prefix = f[:, : split.num_prefix_tokens] if split.layout == "NLC" else None
     if n > 1:
         # (a) global pooling is symmetric: permuting locations leaves the logits unchanged.
-        g = torch.Generator().manual_seed(1)
-        perm = torch.randperm(n, generator=g)
-        if torch.equal(perm, torch.arange(n)):
-            perm = perm.flip(0)
+        perm = cyclic_permutation(n, torch.Generator().manual_seed(1))
         f_perm = from_locations(t[:, perm], f, split.layout, prefix)
         if not allclose_logits(split.forward_baseline(f_perm), base, rel=1e-4):
-            return False, ("its head is not a global pooling (logits change when locations are "
-                           "permuted), so a per-location classifier is not defined"), {}
+            return ("its head is not a global pooling (logits change when locations are "
+                    "permuted), so a per-location classifier is not defined"), {}
         # (b) the single-location head equals the head on a map where every location is x_0.
         v = t[:1, :1]
         f_const = from_locations(v.expand(1, n, d), f[:1], split.layout,
                                  v.expand(1, prefix.shape[1], d) if prefix is not None else None)
         if not allclose_logits(split.forward_single(v[0]), split.forward_baseline(f_const), rel=1e-4):
-            return False, "its head on one location differs from its head on a constant map", {}
+            return "its head on one location differs from its head on a constant map", {}
     # linearity is a property of the head, not of the probe: test it on varied random features
     g = torch.Generator().manual_seed(2)
     t_rnd = (torch.randn(t.shape, generator=g, dtype=torch.float32) * max(float(t.float().std()), 1.0)
@@ -350,9 +382,8 @@ def _validate(split: HeadSplit, model: nn.Module, x: Tensor, y: Tensor) -> tuple
         grid = (int(f.shape[2]), int(f.shape[3]))
     elif split.layout == "NHWC":
         grid = (int(f.shape[1]), int(f.shape[2]))
-    facts = dict(num_locations=n, grid=grid, feature_dim=d, num_classes=int(y.shape[1]),
-                 exact_linear=exact_linear)
-    return True, "", facts
+    return "", dict(num_locations=n, grid=grid, feature_dim=d, num_classes=int(base.shape[1]),
+                    exact_linear=exact_linear)
 
 
 def discover(model: nn.Module, *, input_size: Optional[Sequence[int]] = None) -> HeadSplit:

@@ -10,6 +10,11 @@ timm guarantees ``model(x) == forward_head(forward_features(x))``. The single-lo
 
 The layout and the number of prefix tokens are read from the model and confirmed by
 validation (see :func:`patchcsra.heads.base.discover`); wrong guesses fail validation.
+
+CLIP ResNets (``AttentionPool2d`` head with a positional embedding; not symmetric in the locations) get
+:class:`TimmAttentionPoolSplit` (adapter ``timm-attnpool``): ``s_k = proj(v(x_k + pos_k))``. ViTs with
+``global_pool='map'`` (``AttentionPoolLatent``, a learned query and no positions) are symmetric and need
+nothing more. Multi-branch models: :mod:`patchcsra.heads.timm_multi`.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from torch import Tensor, nn
 
 from .base import HeadSplit, is_instance_of, register_adapter
 
-__all__ = ["TimmSplit"]
+__all__ = ["TimmSplit", "TimmPitSplit", "TimmAttentionPoolSplit"]
 
 
 def _is_timm_style(model: nn.Module) -> bool:
@@ -173,3 +178,105 @@ class TimmPitSplit(TimmSplit):
 @register_adapter("timm-pit", priority=5, matches=_is_timm_pit)
 def build_timm_pit(model: nn.Module, x: Tensor) -> Iterator[HeadSplit]:
     yield TimmPitSplit(model)
+
+
+# ---------------------------------------------------------------------------- CLIP attention pooling
+def _is_timm_attnpool(model: nn.Module) -> bool:
+    return _is_timm_style(model) and is_instance_of(getattr(model, "head", None), "timm.layers", "AttentionPool2d")
+
+
+class TimmAttentionPoolSplit(TimmSplit):
+    """A timm model whose head is CLIP's ``AttentionPool2d`` (``resnet50_clip``, ``resnet101_clip``, ...).
+
+    The pool adds a learned positional embedding ``pos`` (resampled to the map, as the model does) and lets
+    the query of the mean token (or class token) ``x_0 + pos_0`` attend over ``z_j = x_j + pos_j``; its logits
+    are ``proj(sum_j a_j v(z_j))`` -- not symmetric in the locations. The score of location ``k`` is the
+    pool's value path at that location with the query-key attention skipped (MaskCLIP)::
+
+        s_k = proj(v(x_k + pos_k))                               (B, C, L)
+
+    The positional embedding is kept: with it, the model's own logits are an attention average of exactly
+    these scores (plus the query token's), ``proj`` and ``v`` being affine; ``forward_single`` is the same
+    value path without a position (MaskCLIP's dense head). ``base`` stays the model's own path (λ=0 exact).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model, "NCHW", 0)
+        self.pooling = "attnpool"
+
+    def _value(self, z: Tensor) -> Tensor:
+        head = self.model.head
+        if head.qkv is None:
+            return head.v(z)
+        e = head.embed_dim
+        b = head.qkv.bias[2 * e:] if head.qkv.bias is not None else None
+        return nn.functional.linear(z, head.qkv.weight[2 * e:], b)
+
+    def _pos(self, h: int, w: int) -> Tensor:
+        from timm.layers import resample_abs_pos_embed
+
+        head = self.model.head
+        return resample_abs_pos_embed(head.pos_embed.unsqueeze(0), (h, w), old_size=head.feat_size,
+                                      num_prefix_tokens=1)[0]            # (1 + L, D)
+
+    def forward_single(self, v: Tensor) -> Tensor:
+        """``(N, D)`` -> ``(N, C)``: ``proj(v(x))``, the value path without a positional embedding."""
+        head = self.model.head
+        return head.proj(head.drop(self._value(v)))
+
+    def forward_locations(self, f: Tensor) -> Tensor:
+        """``(B, D, H, W)`` -> ``s_k = proj(v(x_k + pos_k))`` ``(B, C, L)``."""
+        head = self.model.head
+        z = f.flatten(2).transpose(1, 2) + self._pos(f.shape[2], f.shape[3])[1:].to(f.dtype)
+        return head.proj(head.drop(self._value(z))).transpose(1, 2)
+
+    def head_kind(self) -> str:
+        return f"attnpool+AttentionPool2d(pos)+{type(self.model.head.proj).__name__}"
+
+    def validate_locations(self, f: Tensor, base: Tensor) -> tuple[str, dict]:
+        """Checks on the probe: ``L >= 2`` locations and scores ``(B, C, L)``; with the query zeroed (uniform
+        attention) the model's pool equals the mean of the scores over the locations and the query token --
+        the value path, positions and output projection used here are the model's own."""
+        from torch.func import functional_call
+
+        from .base import allclose_logits
+
+        head = self.model.head
+        if f.ndim != 4 or f.shape[2] * f.shape[3] < 2:
+            return f"features of shape {tuple(f.shape)} hold fewer than 2 locations (try a larger input_size)", {}
+        b, d, h, w = f.shape
+        n = h * w
+        s = self.forward_locations(f)
+        if s.shape != (b, base.shape[1], n):
+            return f"per-location scores have shape {tuple(s.shape)}, expected {(b, base.shape[1], n)}", {}
+        if head.qkv is None:
+            zero = {"q.weight": torch.zeros_like(head.q.weight)}
+            if head.q.bias is not None:
+                zero["q.bias"] = torch.zeros_like(head.q.bias)
+        else:
+            e = head.embed_dim
+            wq = head.qkv.weight.clone()
+            wq[:e] = 0
+            zero = {"qkv.weight": wq}
+            if head.qkv.bias is not None:
+                bq = head.qkv.bias.clone()
+                bq[:e] = 0
+                zero["qkv.bias"] = bq
+        uniform = functional_call(head, zero, (f,))
+        t = f.flatten(2).transpose(1, 2)
+        first = t.mean(1) if head.cls_token is None else head.cls_token.expand(b, -1)
+        s0 = head.proj(head.drop(self._value(first + self._pos(h, w)[0].to(f.dtype))))
+        if not allclose_logits(uniform, (s0 + s.sum(-1)) / (n + 1), rel=1e-4):
+            return "its attention pool's value path differs from proj(v(x_k + pos_k))", {}
+        exact_linear = allclose_logits(s.mean(-1), base, rel=1e-4)
+        return "", dict(num_locations=n, grid=(h, w), feature_dim=d, num_classes=int(base.shape[1]),
+                        exact_linear=exact_linear)
+
+
+@register_adapter("timm-attnpool", priority=5, matches=_is_timm_attnpool)
+def build_timm_attnpool(model: nn.Module, x: Tensor) -> Iterator[HeadSplit]:
+    if getattr(model.head, "pool_type", "token") != "token":
+        from ..errors import HeadNotFoundError
+
+        raise HeadNotFoundError(f"{type(model).__name__}: its AttentionPool2d does not pool (pool_type='')")
+    yield TimmAttentionPoolSplit(model)
