@@ -31,12 +31,41 @@ import traceback
 import warnings
 
 
+def _compare(model, rec: dict, t0: float) -> dict:
+    """Patch ``model`` at λ=0 and record whether it is exact (and moves at λ=0.2), its head facts or the refusal."""
+    import torch
+
+    import patchcsra
+    from patchcsra.heads.base import allclose_logits, probe_input
+
+    try:
+        with torch.no_grad():
+            patched = patchcsra.patch(model, lam=0.0)
+            size = patched.info.probe_input_size
+            x = probe_input(size, batch=2) * 0.5 + 0.1
+            y = model(x)
+            z = patched(x)
+            exact = allclose_logits(z, y)
+            err = float((z - y).abs().max())
+            patched.lam = 0.2
+            moved = float((patched(x) - y).abs().max())
+        info = patched.info
+        rec.update(status="exact" if exact else "inexact", max_abs_err=err, moved_at_0_2=moved,
+                   kind=info.kind, layout=info.layout, adapter=info.adapter, locations=info.num_locations,
+                   prefix=info.num_prefix_tokens, linear=info.exact_linear, input_size=list(size))
+    except patchcsra.PatchCSRAError as e:
+        rec.update(status="refused", reason=str(e))
+    except Exception as e:  # noqa: BLE001 - a bug in patchcsra: record it loudly
+        rec.update(status="error", reason=f"{type(e).__name__}: {str(e)[:300]}",
+                   trace=traceback.format_exc()[-1500:])
+    rec["seconds"] = round(time.time() - t0, 2)
+    return rec
+
+
 def _check(name: str, max_params: float) -> dict:
     import torch
     import timm
 
-    import patchcsra
-    from patchcsra.heads.base import allclose_logits, probe_input
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
@@ -56,28 +85,7 @@ def _check(name: str, max_params: float) -> dict:
         model = timm.create_model(name, pretrained=False).eval()
     except Exception as e:  # noqa: BLE001
         return {**rec, "status": "no-build", "reason": f"{type(e).__name__}: {str(e)[:200]}"}
-    try:
-        with torch.no_grad():
-            patched = patchcsra.patch(model, lam=0.0)
-            size = patched.info.probe_input_size
-            x = probe_input(size, batch=2) * 0.5 + 0.1
-            y = model(x)
-            z = patched(x)
-            exact = allclose_logits(z, y)
-            err = float((z - y).abs().max())
-            patched.lam = 0.2
-            moved = float((patched(x) - y).abs().max())
-        info = patched.info
-        rec.update(status="exact" if exact else "inexact", max_abs_err=err, moved_at_0_2=moved,
-                   kind=info.kind, layout=info.layout, adapter=info.adapter, locations=info.num_locations,
-                   prefix=info.num_prefix_tokens, linear=info.exact_linear, input_size=list(size))
-    except patchcsra.PatchCSRAError as e:
-        rec.update(status="refused", reason=str(e))
-    except Exception as e:  # noqa: BLE001 - a bug in patchcsra: record it loudly
-        rec.update(status="error", reason=f"{type(e).__name__}: {str(e)[:300]}",
-                   trace=traceback.format_exc()[-1500:])
-    rec["seconds"] = round(time.time() - t0, 2)
-    return rec
+    return _compare(model, rec, t0)
 
 
 def _worker(args):
@@ -86,11 +94,9 @@ def _worker(args):
 
 def _check_hf(model_type: str, class_name: str) -> dict:
     """One transformers class: build tiny, wrap, patch at λ=0, compare (same record as :func:`_check`)."""
-    import torch
 
     import hf_tiny
     import patchcsra
-    from patchcsra.heads.base import allclose_logits, probe_input
 
     t0 = time.time()
     rec: dict = {"name": class_name, "model_type": model_type}
@@ -106,28 +112,7 @@ def _check_hf(model_type: str, class_name: str) -> dict:
     except Exception as e:  # noqa: BLE001
         return {**rec, "status": "no-build", "reason": f"{type(e).__name__}: {str(e)[:200]}"}
     rec["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 3)
-    try:
-        with torch.no_grad():
-            patched = patchcsra.patch(model, lam=0.0)
-            size = patched.info.probe_input_size
-            x = probe_input(size, batch=2) * 0.5 + 0.1
-            y = model(x)
-            z = patched(x)
-            exact = allclose_logits(z, y)
-            err = float((z - y).abs().max())
-            patched.lam = 0.2
-            moved = float((patched(x) - y).abs().max())
-        info = patched.info
-        rec.update(status="exact" if exact else "inexact", max_abs_err=err, moved_at_0_2=moved,
-                   kind=info.kind, layout=info.layout, adapter=info.adapter, locations=info.num_locations,
-                   prefix=info.num_prefix_tokens, linear=info.exact_linear, input_size=list(size))
-    except patchcsra.PatchCSRAError as e:
-        rec.update(status="refused", reason=str(e))
-    except Exception as e:  # noqa: BLE001 - a bug in patchcsra: record it loudly
-        rec.update(status="error", reason=f"{type(e).__name__}: {str(e)[:300]}",
-                   trace=traceback.format_exc()[-1500:])
-    rec["seconds"] = round(time.time() - t0, 2)
-    return rec
+    return _compare(model, rec, t0)
 
 
 def main_transformers(out: str = "") -> int:

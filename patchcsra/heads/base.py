@@ -79,6 +79,16 @@ class HeadInfo:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+def constant_features(v: Tensor, layout: str, num_prefix_tokens: int = 0) -> Tensor:
+    """One location ``v (N, D)`` as a feature set of that layout where every location (and prefix token) is ``v``:
+    ``(N, D, 1, 1)`` NCHW, ``(N, 1, 1, D)`` NHWC, ``(N, P + 1, D)`` NLC -- what a single-location head runs on."""
+    if layout == "NCHW":
+        return v[:, :, None, None]
+    if layout == "NHWC":
+        return v[:, None, None, :]
+    return v[:, None, :].expand(-1, num_prefix_tokens + 1, -1)
+
+
 def to_locations(f: Tensor, layout: str, num_prefix_tokens: int = 0) -> Tensor:
     """Feature tensor in ``layout`` -> locations ``(B, L, D)`` (prefix tokens dropped)."""
     if layout == "NCHW":

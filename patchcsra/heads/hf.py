@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import HeadNotFoundError
-from .base import HeadSplit, is_instance_of, register_adapter
+from .base import HeadSplit, constant_features, is_instance_of, register_adapter
 
 __all__ = ["HFSplit", "Recipe", "RECIPES", "FAMILIES"]
 
@@ -336,13 +336,7 @@ class HFSplit(HeadSplit):
         return self.recipe.head(self.model.hf, f)
 
     def forward_single(self, v: Tensor) -> Tensor:
-        if self.layout == "NCHW":
-            z = v[:, :, None, None]
-        elif self.layout == "NHWC":
-            z = v[:, None, None, :]
-        else:
-            z = v[:, None, :].expand(-1, self.num_prefix_tokens + 1, -1)
-        return self.recipe.head(self.model.hf, z)
+        return self.recipe.head(self.model.hf, constant_features(v, self.layout, self.num_prefix_tokens))
 
     def head_kind(self) -> str:
         parts = [self.pooling]

@@ -23,7 +23,7 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from .base import HeadSplit, is_instance_of, register_adapter
+from .base import HeadSplit, constant_features, is_instance_of, register_adapter
 
 __all__ = ["TimmSplit", "TimmPitSplit", "TimmAttentionPoolSplit"]
 
@@ -72,13 +72,7 @@ class TimmSplit(HeadSplit):
         return self.model.forward_head(f)
 
     def forward_single(self, v: Tensor) -> Tensor:
-        if self.layout == "NCHW":
-            z = v[:, :, None, None]
-        elif self.layout == "NHWC":
-            z = v[:, None, None, :]
-        else:
-            z = v[:, None, :].expand(-1, self.num_prefix_tokens + 1, -1)
-        return self.model.forward_head(z)
+        return self.model.forward_head(constant_features(v, self.layout, self.num_prefix_tokens))
 
     def head_kind(self) -> str:
         parts = [self.pooling]
