@@ -257,7 +257,7 @@ def train_and_evaluate(source: Union[str, os.PathLike, nn.Module, ModelSource], 
                        transform: Optional[TransformOverrides] = None, resume: bool = False, force: bool = False,
                        device: Optional[str] = None, workers: Optional[int] = None,
                        progress: Optional[Callable[[dict], None]] = None,
-                       max_pixels: Optional[int] = None) -> TrainRun:
+                       max_pixels: Optional[int] = None, limit: Optional[int] = None) -> TrainRun:
     """What ``patchcsra train-head`` does: train a head on ``split``, then (``eval_split``) sweep it.
 
     The dataset's classes are matched to the model's outputs where they can be (names, count or
@@ -272,6 +272,8 @@ def train_and_evaluate(source: Union[str, os.PathLike, nn.Module, ModelSource], 
         resume, force, device, workers, progress: see :func:`patchcsra.train_head`.
         max_pixels: the pixel limit of the images read (``None``: :data:`~patchcsra.data.DEFAULT_MAX_PIXELS`;
             ``0``: no limit).
+        limit: at most this many images of each split, a class-stratified subset seeded by ``config.seed``
+            (:meth:`~patchcsra.data.ImageDataset.sample`); the evaluation records it in its ``summary.json``.
     """
     from . import dist
     from .data import open_dataset
@@ -282,8 +284,10 @@ def train_and_evaluate(source: Union[str, os.PathLike, nn.Module, ModelSource], 
     tf = transform or TransformOverrides()
     from .data import DEFAULT_MAX_PIXELS
 
-    limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
-    ds = open_dataset(data, format=data_format, split=split, difficult=difficult, max_pixels=limit)
+    pixel_limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+    ds = open_dataset(data, format=data_format, split=split, difficult=difficult, max_pixels=pixel_limit)
+    if limit is not None:
+        ds = ds.sample(limit, cfg.seed)
     model = _load(source, None)
     if isinstance(model, PatchedArchive):
         raise PatchCSRAError(f"{_model_name(source)} is a patched file; train on the original model")
@@ -299,7 +303,7 @@ def train_and_evaluate(source: Union[str, os.PathLike, nn.Module, ModelSource], 
         name = f"{_model_name(source)} + {cfg.kind}" + (f" H={cfg.heads}" if cfg.kind == "csra" else "")
         evaluated = sweep_lambda(result.model, data, split=eval_split, data_format=data_format, difficult=difficult,
                                  workers=workers, device=device, cache_dir=None, bootstrap=1000, model_name=name,
-                                 max_pixels=limit)
+                                 max_pixels=pixel_limit, limit=limit, seed=cfg.seed)
         if evaluated is not None and dist.is_main():
             evaluated.write(Path(out_dir) / "eval", force=True)
     return TrainRun(result, evaluated)

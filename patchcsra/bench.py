@@ -249,7 +249,9 @@ def _evaluate(model: torch.nn.Module, data: Path, split: Optional[str], case: di
     from .api import prepare, sweep_lambda
 
     tf = _transform(case)
-    prep = prepare(model, data, split=split, data_format=case.get("format"), **tf)
+    limit = case.get("limit")  # a case may score a seeded, class-stratified subset (its own "seed")
+    prep = prepare(model, data, split=split, data_format=case.get("format"), limit=limit,
+                   limit_seed=int(case.get("seed", 0)), **tf)
     gap = lam0_gap(prep.model, _first_images(prep.dataset), prep.transform.input_size)
     run = sweep_lambda(model, prep.dataset, workers=ctx.workers, batch_size=int(case.get("batch_size", 50)),
                        device="cpu", amp="none", cache_dir=None,
@@ -275,6 +277,8 @@ def _run_train_sweep_case(case: dict, ctx: _Context) -> dict:
     model = _load_model(case, ctx)
     spec = resolve_transform(model, **_transform(case))
     train = open_dataset(data, split=case.get("train_split", "train"), format=case.get("format"))
+    if case.get("limit"):
+        train = train.sample(int(case["limit"]), int(case.get("seed", 0)))
     cfg = TrainConfig(**{"init": "random", **dict(case.get("head") or {"kind": "linear"})})
     res = train_head(model, train, ctx.work / case["name"] / "train", config=cfg, transform=spec, force=True,
                      device="cpu", workers=ctx.workers, source=str(case["source"]),

@@ -48,7 +48,7 @@ import re
 import sys
 import zipfile
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -218,6 +218,9 @@ def _looks_like_hub_name(s: str) -> bool:
 
 def _hub_config(repo: str) -> dict:
     """``config.json`` of a Hugging Face hub repo (one line naming the repo when it cannot be fetched)."""
+    if not _hf_cached(repo, ("config.json",)) and (_hub_offline() or not _reachable("huggingface.co")):
+        raise SourceError(f"{repo}: no such file here, and the Hugging Face hub cannot be reached to look it up "
+                          "(no network, or HF_HUB_OFFLINE); give a local folder or file")
     try:
         from huggingface_hub import hf_hub_download
 
@@ -250,6 +253,9 @@ def _load_hf(name: str, pretrained: bool, weights: Optional[str], num_classes: O
         raise SourceError("'hf:' needs a hub name or folder, e.g. hf:google/vit-base-patch16-224")
     if weights is not None:
         raise SourceError(f"weights={weights!r}: hf:{name} holds its own weights; give a folder or hub revision")
+    if not Path(name).expanduser().exists():
+        _require_network(f"hf:{name}", "huggingface.co", _hf_cached(name.split("@")[0], ("config.json",)),
+                         "its config and weights")
     return load_transformers(name, pretrained=pretrained, num_classes=num_classes)
 
 
@@ -292,6 +298,8 @@ def _create_timm(name: str, pretrained: bool, num_classes: Optional[int], kwargs
         kw["num_classes"] = num_classes
     if name.startswith("local-dir:"):
         pretrained = True  # the folder's weights are the model
+    elif pretrained:
+        _require_timm_weights(name)
     try:
         return timm.create_model(name, pretrained=pretrained, **kw)
     except Exception as e:  # noqa: BLE001
@@ -300,6 +308,74 @@ def _create_timm(name: str, pretrained: bool, num_classes: Optional[int], kwargs
                               f"{_first_line(e)}); pass pretrained=False (CLI --no-pretrained) or "
                               "weights=FILE") from e
         raise SourceError(f"timm:{name}: could not build the model ({type(e).__name__}: {_first_line(e)})") from e
+
+
+# ----------------------------------------------------------------------------- offline: fail fast, not after retries
+_HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors",
+                    "open_clip_pytorch_model.bin")
+
+
+def _reachable(host: str, timeout: float = 3.0) -> bool:
+    """Whether ``host:443`` takes a TCP connection within ``timeout`` s (no DNS: False at once)."""
+    import socket
+
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_offline() -> bool:
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except ImportError:
+        return False
+
+
+def _hf_cached(repo: str, files: Sequence[str]) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    return any(isinstance(try_to_load_from_cache(repo, f), str) for f in files)
+
+
+def _require_network(spec: str, host: str, cached: bool, what: str) -> None:
+    """Refuse in one line, in seconds, a download that cannot happen (no network, or ``HF_HUB_OFFLINE``)."""
+    if cached:
+        return
+    if host == "huggingface.co" and _hub_offline():
+        raise SourceError(f"{spec}: {what} are not in the local cache and HF_HUB_OFFLINE is set; pass "
+                          "pretrained=False (CLI --no-pretrained) or weights=FILE (CLI --weights FILE)")
+    if not _reachable(host):
+        raise SourceError(f"{spec}: {what} are not in the local cache and {host} cannot be reached (no network?); "
+                          "pass pretrained=False (CLI --no-pretrained) or weights=FILE (CLI --weights FILE)")
+
+
+def _require_timm_weights(name: str) -> None:
+    """Before timm downloads pretrained weights: they are cached, or the network is there."""
+    import timm
+    from urllib.parse import urlparse
+
+    if name.startswith("hf-hub:"):
+        repo = name[len("hf-hub:"):].split("@")[0]
+        _require_network(f"timm:{name}", "huggingface.co", _hf_cached(repo, ("config.json",)), "its config and weights")
+        return
+    try:
+        cfg = timm.models.get_pretrained_cfg(name, allow_unregistered=False)
+    except Exception:  # noqa: BLE001  (an unknown tag: timm's own message follows)
+        return
+    if cfg is None:
+        return
+    if getattr(cfg, "hf_hub_id", None):
+        repo = cfg.hf_hub_id.split("@")[0]
+        _require_network(f"timm:{name}", "huggingface.co", _hf_cached(repo, _HF_WEIGHT_FILES), "its pretrained weights")
+    elif getattr(cfg, "url", None):
+        cached = (Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(cfg.url).path)).is_file()
+        _require_network(f"timm:{name}", urlparse(cfg.url).hostname or "", cached, "its pretrained weights")
 
 
 def _load_torchvision(name: str, pretrained: bool, weights: Optional[str], num_classes: Optional[int],
@@ -343,7 +419,11 @@ def _tv_weights(name: str, weights: str):
 
 def _create_tv(name: str, enum, num_classes: Optional[int], kwargs: dict) -> nn.Module:
     import torchvision
+    from urllib.parse import urlparse
 
+    if enum is not None and getattr(enum, "url", None):
+        cached = (Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(enum.url).path)).is_file()
+        _require_network(f"torchvision:{name}", urlparse(enum.url).hostname or "", cached, f"its weights {enum}")
     kw = dict(kwargs)
     if num_classes is not None:
         kw["num_classes"] = num_classes

@@ -68,3 +68,37 @@ def test_cli_limit_scores_n_images_and_records_it(tmp_path):
     assert s["images"]["total"] == 8 and s["dataset"]["limit"] == {"n": 8, "seed": 0, "of": 24}
     res = CliRunner().invoke(app, args[:-4] + ["--limit", "0", "--out", str(tmp_path / "o2")])
     assert res.exit_code == 2 and "--limit=0" in res.output
+
+
+def test_train_head_limit_applies_to_each_split(tmp_path):
+    import custom_nets
+
+    from patchcsra.api import train_and_evaluate
+    from patchcsra.options import TransformOverrides
+    from patchcsra.training.loop import TrainConfig
+
+    image_folder(tmp_path / "data", 4, 6)
+    torch.manual_seed(0)
+    model = custom_nets.resnet20(num_classes=4).eval()
+    run = train_and_evaluate(model, tmp_path / "data", tmp_path / "t", split="train", eval_split="train",
+                             config=TrainConfig(kind="linear", epochs=1, batch_size=4, val_fraction=0.25),
+                             transform=TransformOverrides(input_size=(3, 32, 32), mean=(0.5,) * 3, std=(0.25,) * 3),
+                             device="cpu", workers=0, limit=12)
+    s = run.evaluated.summary
+    assert s["images"]["total"] == 12 and s["dataset"]["limit"] == {"n": 12, "seed": 0, "of": 24}
+
+
+def test_bench_case_limit(tmp_path, monkeypatch):
+    """A bench case's "limit" scores that many images of its data."""
+    import custom_nets
+
+    import patchcsra.bench as B
+
+    image_folder(tmp_path / "data", 4, 6)
+    torch.manual_seed(0)
+    model = custom_nets.resnet20(num_classes=4).eval()
+    ctx = B._Context(suite=None, work=tmp_path / "w", workers=0, progress=None)
+    case = {"name": "c", "data": str(tmp_path / "data"), "split": "train", "limit": 8, "bootstrap": 0, "folds": 0,
+            "transform": {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.25] * 3}, "temperatures": ["inf"]}
+    rec = B._evaluate(model, tmp_path / "data", "train", case, ctx, "r20")
+    assert rec["images"] == 8

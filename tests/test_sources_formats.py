@@ -215,3 +215,28 @@ def test_official_csra_checkpoint_is_its_model(tmp_path, heads):
     assert default_lam(got) == 0.02
     patched = patchcsra.patch(got, lam=0.0, input_size=(3, 64, 64))
     _same(patched, ref)
+
+
+# ----------------------------------------------------------------------------- offline: seconds, not retries
+@pytest.mark.parametrize("spec", ["timm:resnet18", "torchvision:resnet18", "hf:google/vit-base-patch16-224",
+                                  "google/vit-base-patch16-224"])
+def test_no_network_fails_in_seconds_naming_the_way_out(spec, monkeypatch):
+    import socket
+    import time
+
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the network is what is missing
+
+    def blocked(*a, **k):
+        raise OSError("network blocked by the test")
+
+    monkeypatch.setattr(socket, "create_connection", blocked)
+    t0 = time.perf_counter()
+    with pytest.raises(SourceError) as e:
+        patchcsra.load(spec)
+    assert time.perf_counter() - t0 < 5
+    msg = str(e.value)
+    assert "cannot be reached" in msg and "\n" not in msg
+    if ":" in spec:
+        assert "--no-pretrained" in msg and "--weights" in msg

@@ -28,6 +28,8 @@ def train_head(
     class_map: Optional[Path] = typer.Option(None, "--class-map", help="JSON {class: output index} or CSV"),
     difficult: str = typer.Option("ignore", "--difficult", help="VOC difficult-only labels: ignore | positive"),
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
+    limit: Optional[int] = typer.Option(None, "--limit", help="at most N images of each split: a class-stratified "
+                                        "subset seeded by --seed"),
     kind: str = typer.Option("csra", "--kind", help="csra | attention | linear (GAP + Linear)", rich_help_panel=HEAD),
     heads: int = typer.Option(1, "--heads", help="CSRA heads H (1, 2, 4, 6, 8: the paper's temperature sets)",
                               rich_help_panel=HEAD),
@@ -85,7 +87,7 @@ def train_head(
                                      transform=transform_overrides(img_size, input_size, crop_pct, interpolation,
                                                                    mean, std),
                                      resume=resume, force=force, device=device_arg(device), workers=workers,
-                                     progress=cb, max_pixels=max_pixels)
+                                     progress=cb, max_pixels=max_pixels, limit=limit)
     except (PatchCSRAError, OSError) as e:
         fail(e)
     if not dist.is_main():
