@@ -175,12 +175,13 @@ def _load_model(case: dict, ctx: _Context):
 
 @torch.no_grad()
 def lam0_gap(model: torch.nn.Module, images: torch.Tensor, input_size: Optional[Sequence[int]] = None) -> float:
-    """``max |patch(model, λ=0)(images) - model(images)|`` relative to ``max(1, max |model(images)|)``."""
+    """``max |patch(model, λ=0)(images) - model(images)|`` relative to ``max(1, max |model(images)|)``;
+    the probe is ``input_size``, else the images' own size ``(C, H, W)``."""
     from .patcher import patch
 
     model.eval()
     want = model(images)
-    got = patch(model, lam=0.0, input_size=input_size)(images)
+    got = patch(model, lam=0.0, input_size=input_size or tuple(images.shape[1:]))(images)
     return float((got - want).abs().max()) / max(1.0, float(want.abs().max()))
 
 
