@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 from torch import nn
@@ -49,11 +49,20 @@ class Prepared:
     model: nn.Module
     patched: PatchedClassifier
     dataset: Any
-    class_index: list[int]
+    class_index: list[Any]  # model output per dataset class; a list of outputs for a many-to-one class
     transform: Any
     model_name: str
     fixed_lam: float
     limit: Optional[dict] = None  # {"n", "seed", "of"} when a subset is scored
+    class_reduce: Optional[str] = None  # "max" / "logsumexp" of a many-to-one map's outputs; None: one-to-one
+
+    @property
+    def class_map_kind(self) -> str:
+        """``'identity'``, ``'one-to-one'`` (a permutation or subset of the outputs) or ``'many-to-one'``."""
+        if any(isinstance(i, list) for i in self.class_index):
+            return "many-to-one"
+        n = int(self.patched.info.num_classes)
+        return "identity" if self.class_index == list(range(n)) else "one-to-one"
 
 
 @dataclass
@@ -92,7 +101,8 @@ def _load(source: Union[str, os.PathLike, nn.Module, ModelSource], load_kwargs: 
 
 def prepare(source: Union[str, os.PathLike, nn.Module, ModelSource], data: Union[str, os.PathLike, Any], *,
             split: Optional[str] = None, data_format: Optional[str] = None, difficult: str = "ignore",
-            class_map: Optional[Union[str, Path, Mapping[str, int]]] = None,
+            class_map: Optional[Union[str, Path, Mapping[str, Any]]] = None, class_reduce: str = "max",
+            class_names: Optional[Union[str, Path, Sequence[str]]] = None,
             transform: Optional[TransformOverrides] = None, fixed_lam: Optional[float] = None,
             load_kwargs: Optional[dict] = None, model_name: Optional[str] = None, max_pixels: Optional[int] = None,
             limit: Optional[int] = None, limit_seed: int = 0, **transform_kwargs: Any) -> Prepared:
@@ -104,12 +114,18 @@ def prepare(source: Union[str, os.PathLike, nn.Module, ModelSource], data: Union
     ``max_pixels`` is the dataset's pixel limit (``None``: the dataset's own, by default
     :data:`~patchcsra.data.DEFAULT_MAX_PIXELS`; ``0``: no limit); ``limit`` keeps a seeded, class-stratified
     subset of that many images (:meth:`~patchcsra.data.ImageDataset.sample` with ``limit_seed``).
+    ``class_map`` may send a dataset class to several outputs (``{"dog": [151, 152], "cat": 281}``), reduced
+    by ``class_reduce`` (``'max'`` or ``'logsumexp'``, see :func:`patchcsra.collect`); ``class_names`` (a list,
+    a JSON list or a file of one name per line) names the model's outputs, for matching the dataset's classes
+    when there is no ``class_map`` (default: the names the model carries).
     Everything that can be wrong with the input is found here, before any forward pass over the data.
     """
-    from .data import align_classes, model_label_ids, model_label_names, open_dataset
+    from .data import open_dataset
     from .data.base import check_max_pixels
+    from .data.classes import check_class_reduce
     from .sources import PatchedArchive
 
+    reduce = check_class_reduce(class_reduce)
     tf = split_options(transform_kwargs, transform=transform, allowed=(TransformOverrides,))[0]
     pixel_limit = check_max_pixels(max_pixels) if max_pixels is not None else None
     model = _load(source, load_kwargs)
@@ -132,16 +148,34 @@ def prepare(source: Union[str, os.PathLike, nn.Module, ModelSource], data: Union
         patched = patch(model, lam=0.0, input_size=spec.input_size)
     except HeadNotFoundError as e:  # name the model the user gave (a file, timm:NAME ...), not only its class
         raise HeadNotFoundError(str(e) if str(e).startswith(name) else f"{name}: {e}") from None
-    index = align_classes(dataset.classes, int(patched.info.num_classes), model_names=model_label_names(model),
-                          model_ids=model_label_ids(model), class_map=class_map)
+    index = _class_groups(model, dataset, int(patched.info.num_classes), class_map, class_names)
     dataset.transform = spec.build()
     lam = default_lam(model) if fixed_lam is None else float(fixed_lam)
-    return Prepared(model, patched, dataset, [int(i) for i in index], spec, name, lam, limited)
+    many = any(isinstance(i, list) for i in index)
+    return Prepared(model, patched, dataset, index, spec, name, lam, limited, reduce if many else None)
+
+
+def _class_groups(model: nn.Module, dataset, n_out: int, class_map, class_names) -> list[Any]:
+    """Model output per dataset class (a list of outputs for a class a many-to-one ``class_map`` sends to
+    several); ``class_names`` (a list or a file) names the outputs instead of what the model carries."""
+    from .data import align_class_groups, load_class_names, model_label_ids, model_label_names
+    from .errors import DataMismatchError
+
+    names, ids = model_label_names(model), model_label_ids(model)
+    if class_names is not None:
+        names, ids = load_class_names(class_names), None
+        if len(names) != n_out:
+            what = "class_names" if not isinstance(class_names, (str, os.PathLike)) else f"--class-names {class_names}"
+            raise DataMismatchError(f"{what} has {len(names)} names but the model outputs {n_out}; give one name per "
+                                    "output (line i names output i)")
+    groups = align_class_groups(dataset.classes, n_out, model_names=names, model_ids=ids, class_map=class_map)
+    return [g[0] if len(g) == 1 else list(g) for g in groups]
 
 
 def sweep_lambda(source: Union[str, os.PathLike, nn.Module, ModelSource], data: Union[str, os.PathLike, Any], *,
                  split: Optional[str] = None, data_format: Optional[str] = None, difficult: str = "ignore",
-                 class_map: Optional[Union[str, Path, Mapping[str, int]]] = None, skip_bad: bool = False,
+                 class_map: Optional[Union[str, Path, Mapping[str, Any]]] = None, skip_bad: bool = False,
+                 class_reduce: str = "max", class_names: Optional[Union[str, Path, Sequence[str]]] = None,
                  grid: Optional[SweepOptions] = None, transform: Optional[TransformOverrides] = None,
                  options: Optional[CollectOptions] = None, load_kwargs: Optional[dict] = None,
                  model_name: Optional[str] = None, progress: Optional[Callable[[int, int], None]] = None,
@@ -157,7 +191,12 @@ def sweep_lambda(source: Union[str, os.PathLike, nn.Module, ModelSource], data: 
             or an ``nn.Module``.
         data: a dataset path (VOC, COCO, ImageFolder, CSV/JSON manifest) or an ``ImageDataset``.
         split, data_format, difficult: passed to :func:`patchcsra.data.open_dataset`.
-        class_map: dataset class -> model output index (file or mapping) when names/counts differ.
+        class_map: dataset class -> model output index (file or mapping) when names/counts differ; a class may
+            map to a list of outputs (many-to-one), or the file may name the outputs (one name per line).
+        class_reduce: ``'max'`` (default) or ``'logsumexp'`` of a many-to-one class's outputs, applied to the
+            logits and to the per-location scores before the residual attention (λ=0 is ``R_j model(x)_j``).
+        class_names: names of the model's outputs (a list, a JSON list, or a file of one name per line) for
+            matching the dataset's classes by name (default: the names the model carries).
         skip_bad: score without unreadable images instead of failing (they are counted and named).
         grid: a :class:`~patchcsra.options.SweepOptions` (``lams``, ``temperatures``, ``fixed_lam`` -- default
             the paper's rule, :func:`~patchcsra.patcher.default_lam` -- ``metric``, ``folds``, ``bootstrap``,
@@ -178,8 +217,9 @@ def sweep_lambda(source: Union[str, os.PathLike, nn.Module, ModelSource], data: 
     """
     tf, opts, so = split_options(option_kwargs, transform=transform, collect=options, sweep=grid)
     prep = prepare(source, data, split=split, data_format=data_format, difficult=difficult, class_map=class_map,
-                   transform=tf, fixed_lam=so.fixed_lam, load_kwargs=load_kwargs, model_name=model_name,
-                   max_pixels=max_pixels, limit=limit, limit_seed=so.seed)
+                   class_reduce=class_reduce, class_names=class_names, transform=tf, fixed_lam=so.fixed_lam,
+                   load_kwargs=load_kwargs, model_name=model_name, max_pixels=max_pixels, limit=limit,
+                   limit_seed=so.seed)
     ds = prep.dataset
     where = dict(zip(ds.ids, ds.files))  # id -> file, to name images in messages
     missing = ds.missing_files()
@@ -188,7 +228,8 @@ def sweep_lambda(source: Union[str, os.PathLike, nn.Module, ModelSource], data: 
                            f"{', '.join(str(where[i]) for i in missing[:5])}); restore them or pass --skip-bad "
                            "to score without them")
     t0 = time.perf_counter()
-    stats = collect(prep.patched, ds, temperatures=so.temperatures, class_index=prep.class_index, options=opts,
+    stats = collect(prep.patched, ds, temperatures=so.temperatures, class_index=prep.class_index,
+                    class_reduce=prep.class_reduce or "max", options=opts,
                     fingerprint={"transform": prep.transform.as_dict()}, progress=progress)
     seconds = time.perf_counter() - t0
     if stats is None:  # a non-main torchrun rank: rank 0 has the gathered stats and writes the run
@@ -228,7 +269,8 @@ def _summary(result: SweepResult, prep: Prepared, source, ds, difficult: str, op
     return summary_record(
         result,
         model={"name": prep.model_name, "source": src, "class": info.model_class, "head": info.as_dict(),
-               "class_index": prep.class_index},
+               "class_index": prep.class_index, "class_map_kind": prep.class_map_kind,
+               "class_reduce": prep.class_reduce},
         dataset={"name": ds.name, "format": ds.format, "root": str(ds.root), "split": ds.split,
                  "fingerprint": ds.fingerprint(), "single_label": bool(ds.single_label), "difficult": difficult,
                  **({"limit": prep.limit} if prep.limit else {})},

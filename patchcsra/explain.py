@@ -242,12 +242,19 @@ def _denormalize(x: Tensor, spec: TransformSpec) -> np.ndarray:
     return np.repeat(img, 3, axis=2) if c == 1 else np.ascontiguousarray(img[..., :3])
 
 
-def _resolve_names(patched: nn.Module, num_classes: int, class_names: Optional[Sequence[str]]) -> Optional[list[str]]:
+def _resolve_names(patched: nn.Module, num_classes: int,
+                   class_names: Optional[Union[Sequence[str], PathLike]]) -> Optional[list[str]]:
+    """One name per output: ``class_names`` (a list, or a file: one name per line / a JSON list), else the
+    model's own (:func:`patchcsra.data.model_label_names`), else ``None``."""
     if class_names is not None:
-        names = [str(n) for n in class_names]
+        from .data.classes import load_class_names
+
+        is_file = isinstance(class_names, (str, os.PathLike))
+        names = load_class_names(class_names)
         if len(names) != num_classes:
-            raise PatchCSRAError(f"class_names has {len(names)} names but the model has {num_classes} outputs; "
-                                 "give one name per output")
+            what = f"--class-names {os.fspath(class_names)}" if is_file else "class_names"  # type: ignore[arg-type]
+            raise PatchCSRAError(f"{what} has {len(names)} names but the model has {num_classes} outputs; "
+                                 "give one name per output (line i names output i)")
         return names
     from .data.classes import model_label_names
 
@@ -265,18 +272,23 @@ def _class_index(c: Union[int, str], names: Optional[list[str]], num_classes: in
     if names is None:
         if c.strip().isdigit():
             return _class_index(int(c), names, num_classes)
-        raise PatchCSRAError(f"classes: {c!r} is a name but the model carries no class names; "
-                             "pass class_names=[...] or output indices")
+        raise PatchCSRAError(f"classes (--classes): {c!r} is a name but the model carries no class names; pass "
+                             "class_names=[...] (CLI --class-names FILE) or output indices")
     norm = [normalize_class_name(n) for n in names]
     key = normalize_class_name(c)
-    if key in norm:
-        return norm.index(key)
+    hits = [k for k, n in enumerate(norm) if n == key] or \
+        [k for k, n in enumerate(names) if "," in n and normalize_class_name(n.split(",")[0]) == key]
+    if len(hits) == 1:
+        return hits[0]
+    if hits:
+        raise PatchCSRAError(f"classes (--classes): {c!r} names several outputs ({', '.join(map(str, hits[:5]))}); "
+                             "give the output index")
     if key.isdigit():
         return _class_index(int(key), names, num_classes)
     close = difflib.get_close_matches(key, norm, n=5, cutoff=0.6)
     hint = f"close matches: {', '.join(repr(names[norm.index(m)]) for m in close)}" if close \
-        else "no close match; check class_names"
-    raise PatchCSRAError(f"classes: unknown class name {c!r} ({hint})")
+        else "no close match; check class_names / --class-names"
+    raise PatchCSRAError(f"classes (--classes): unknown class name {c!r} ({hint})")
 
 
 def _prob_kind(kind: str, num_classes: int) -> str:
@@ -298,7 +310,7 @@ def _model_device_dtype(patched: nn.Module) -> tuple[torch.device, torch.dtype]:
 # ----------------------------------------------------------------------------- explain
 def explain(patched: PatchedClassifier, images: Sequence[ImageLike], *, transform_spec: TransformSpec,
             classes: Optional[Sequence[Union[int, str]]] = None, top_k: int = 3, temperature: Optional[float] = 1.0,
-            class_names: Optional[Sequence[str]] = None, prob: str = "auto",
+            class_names: Optional[Union[Sequence[str], PathLike]] = None, prob: str = "auto",
             max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> list[ExplainResult]:
     """Per-location class scores and attention maps of ``images``.
 
@@ -311,8 +323,10 @@ def explain(patched: PatchedClassifier, images: Sequence[ImageLike], *, transfor
         top_k: how many classes when ``classes`` is None.
         temperature: T of the attention and of the logits (``inf``: max over locations, a one-hot map);
             ``None`` takes ``patched.temperature``. The logits equal ``patched(x)`` when T equals it.
-        class_names: one name per output (default: what the model carries, see
-            :func:`patchcsra.data.model_label_names`); needed to give ``classes`` by name.
+        class_names: one name per output, a list or a file (one name per line, line i naming output i, as
+            timm's class-map and label files such as ``imagenet_labels.txt``; or a JSON list). Default: what
+            the model carries (:func:`patchcsra.data.model_label_names`). Needed to give ``classes`` by name; a
+            name matches exactly after normalisation, or a label line's first comma-separated lemma.
         prob: ``'softmax'`` over all outputs, ``'sigmoid'`` per output, or ``'auto'`` (softmax for
             >= 100 outputs, e.g. ImageNet; sigmoid for multi-label-sized heads such as VOC/COCO).
         max_pixels: image files with more pixels are refused before decoding (``0``/``None``: no limit).
@@ -507,7 +521,8 @@ def save_maps(result: ExplainResult, path_npz_or_dir: PathLike, *, force: bool =
 
 def explain_to_dir(patched: PatchedClassifier, images: Sequence[ImageLike], out_dir: PathLike, *,
                    transform_spec: TransformSpec, classes: Optional[Sequence[Union[int, str]]] = None,
-                   top_k: int = 3, temperature: Optional[float] = 1.0, class_names: Optional[Sequence[str]] = None,
+                   top_k: int = 3, temperature: Optional[float] = 1.0,
+                   class_names: Optional[Union[Sequence[str], PathLike]] = None,
                    force: bool = False, prob: str = "auto", max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
                    ) -> list[Path]:
     """:func:`explain`, :func:`render` and :func:`save_maps` for every image, into ``out_dir``.

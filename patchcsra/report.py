@@ -8,6 +8,8 @@
 * :func:`write_run` / :func:`read_run` -- a run directory (``results.csv``, ``per_class.csv``,
   ``summary.json``, ``table.md``, ``table.tex``, ``curve.png``), written atomically.
 * :func:`merge_runs` -- several run directories -> one Table 1.
+* :func:`results_file_row` / :func:`append_results_file` -- one row per run in a timm-style results CSV
+  (``validate.py --results-file``), appended atomically.
 """
 from __future__ import annotations
 
@@ -18,13 +20,14 @@ from typing import Any, Sequence, Union
 
 import pandas as pd
 
-from ._io import atomic_dir, json_default
+from ._io import atomic_dir, atomic_path, json_default
 from .patcher import temperature_text
 from .errors import PatchCSRAError
 from .grid import SweepResult
 
 __all__ = ["summary_record", "table_frame", "display_frame", "to_markdown", "to_latex", "rich_table",
-           "plot_curve", "write_run", "write_table", "read_run", "merge_runs", "RUN_FILES", "TABLE_COLUMNS"]
+           "plot_curve", "write_run", "write_table", "read_run", "merge_runs", "RUN_FILES", "TABLE_COLUMNS",
+           "RESULTS_FILE_COLUMNS", "results_file_row", "check_results_file", "append_results_file"]
 
 RUN_FILES = ("results.csv", "per_class.csv", "summary.json", "table.md", "table.tex", "curve.png")
 TABLE_FILES = ("table.csv", "table.md", "table.tex")
@@ -275,3 +278,80 @@ def merge_runs(run_dirs: Sequence[Union[str, Path]]) -> pd.DataFrame:
         raise PatchCSRAError("give at least one run directory")
     t = table_frame([read_run(d) for d in run_dirs])
     return t.sort_values(["dataset", "resolution", "model"], kind="stable").reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------- timm-style results file
+RESULTS_FILE_COLUMNS = ("model", "img_size", "crop_pct", "interpolation", "metric", "baseline",
+                        "cv_lam", "cv_score", "cv_delta", "fixed_lam", "fixed_score", "fixed_delta",
+                        "oracle_lam", "oracle_score")
+
+
+def results_file_row(summary: dict) -> dict[str, Any]:
+    """One :data:`RESULTS_FILE_COLUMNS` row of a run (timm's validate.py results: the model, its preprocessing,
+    then our metric: the baseline and the cross-validated, fixed and oracle λ with their scores)."""
+    t = summary.get("transform") or {}
+    size = t.get("input_size")
+    row: dict[str, Any] = {"model": (summary.get("model") or {}).get("name", ""),
+                           "img_size": size[-1] if size else "", "crop_pct": t.get("crop_pct", ""),
+                           "interpolation": t.get("interpolation", ""), "metric": summary["metric"],
+                           "baseline": summary["baseline"][summary["metric"]]}
+    for key, fields in (("cv", ("lam", "score", "delta")), ("fixed", ("lam", "score", "delta")),
+                        ("oracle", ("lam", "score"))):
+        c = summary["choices"].get(key) or {}
+        for f in fields:
+            row[f"{key}_{f}"] = c.get(f, "")
+    return {k: ("" if isinstance(v, float) and math.isnan(v) else round(v, 4) if isinstance(v, float) else v)
+            for k, v in row.items()}
+
+
+def _results_header(path: Path) -> Union[list, None]:
+    import csv
+
+    with open(path, newline="") as f:
+        return next(csv.reader(f), None)
+
+
+def check_results_file(path: Union[str, Path], flag: str = "results file") -> None:
+    """Refuse, before any work, a results file that cannot take a row: a folder, a missing folder, or a CSV
+    whose header is not :data:`RESULTS_FILE_COLUMNS`."""
+    path = Path(path)
+    if path.is_dir():
+        raise PatchCSRAError(f"{flag} {path} is a directory; give a file name, e.g. results.csv")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise PatchCSRAError(f"{flag} {path}: folder {parent} does not exist; create it first")
+    if path.exists():
+        try:
+            header = _results_header(path)
+        except (UnicodeDecodeError, OSError) as e:
+            raise PatchCSRAError(f"{flag} {path} cannot be read as CSV ({e}); choose another file") from None
+        if header is not None and header != list(RESULTS_FILE_COLUMNS):
+            raise PatchCSRAError(f"{flag} {path} holds other columns ({', '.join(header[:6])}...); rows are added "
+                                 "only to a patchcsra results file; choose another file")
+
+
+def append_results_file(path: Union[str, Path], summary: dict) -> Path:
+    """Add the run's :func:`results_file_row` to ``path`` (the header first when the file is new or empty).
+
+    The whole file is written beside ``path`` and renamed onto it (:func:`~patchcsra._io.atomic_path`): a
+    reader sees the old rows or the old rows plus this one, never half a row. Rows are appended rather than
+    the file replaced (timm's validate.py writes one file per invocation of many models; a patchcsra
+    invocation scores one model, so a loop over models builds one table).
+    """
+    import csv
+    import io
+
+    path = Path(path)
+    check_results_file(path)
+    old = path.read_text() if path.exists() else ""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(RESULTS_FILE_COLUMNS), lineterminator="\n")
+    if not old.strip():
+        old = ""
+        w.writeheader()
+    elif not old.endswith("\n"):
+        old += "\n"
+    w.writerow(results_file_row(summary))
+    with atomic_path(path, force=True) as tmp:
+        tmp.write_text(old + buf.getvalue())
+    return path

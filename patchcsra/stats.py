@@ -26,6 +26,7 @@ from .cache import (CacheEntry, alloc_rows, digest, guarded_write, mark_complete
                     usable_entry)
 from .runtime import OOM_ERRORS, default_workers, resolve_amp, resolve_device
 from .errors import DatasetError, PatchCSRAError
+from .data.classes import check_class_reduce, class_groups
 from .options import CollectOptions, split_options
 from .patcher import PatchedClassifier, check_temperatures, residual_attention, temperature_text
 
@@ -124,8 +125,9 @@ def model_fingerprint(model: nn.Module) -> str:
 
 # ----------------------------------------------------------------------------- collect
 def collect(patched: PatchedClassifier, dataset, *, temperatures: Sequence[float] = (math.inf,),
-            class_index: Optional[Sequence[int]] = None, options: Optional[CollectOptions] = None,
-            fingerprint: Optional[dict] = None, progress: Optional[Progress] = None, **option_kwargs: Any) -> Stats:
+            class_index: Optional[Sequence[Any]] = None, class_reduce: str = "max",
+            options: Optional[CollectOptions] = None, fingerprint: Optional[dict] = None,
+            progress: Optional[Progress] = None, **option_kwargs: Any) -> Stats:
     """Run ``patched``'s backbone once per image of ``dataset`` and keep what a λ/T sweep needs.
 
     Args:
@@ -134,7 +136,13 @@ def collect(patched: PatchedClassifier, dataset, *, temperatures: Sequence[float
             ``(image (3, H, W), index, ok)``.
         temperatures: T values to collect; ``inf`` always, and :data:`DEFAULT_TEMPERATURES` too while
             ``N x C x 8 <= EXTRA_T_BUDGET`` (e.g. VOC, COCO; not ImageNet's 50,000 x 1,000).
-        class_index: ``(C,)`` model output index per dataset class (default: identity).
+        class_index: ``(C,)`` model output index per dataset class (default: identity); an entry may be a
+            list of output indices (a many-to-one class map, :func:`patchcsra.data.align_class_groups`).
+        class_reduce: how the outputs ``j`` of a many-to-one class ``c`` are reduced, ``'max'`` or
+            ``'logsumexp'`` (``R`` below). It applies to the model's logits and to the per-location scores
+            before the residual attention: ``base_c = R_j base_j`` and ``s_{c,k} = R_j s_{j,k}``, then
+            ``max_k s_{c,k}`` and ``y_att(T)`` from those; so λ=0 is exactly ``R_j model(x)_j``. Unused (and
+            not in the cache key) when every class has one output.
         options: a :class:`~patchcsra.options.CollectOptions`; its fields may also be given as keywords
             (``batch_size=``, ``device=``, ``amp=``, ``channels_last=``, ``workers=``, ``cache_dir=``,
             ``save_every=``): ``batch_size``/``workers`` are the DataLoader's (``workers=None``:
@@ -161,7 +169,8 @@ def collect(patched: PatchedClassifier, dataset, *, temperatures: Sequence[float
         raise PatchCSRAError(f"collect needs a PatchedClassifier (from patchcsra.patch), got {type(patched).__name__}")
     if len(dataset) == 0:
         raise DatasetError(f"dataset {getattr(dataset, 'name', '')!r} has no images")
-    p = _plan(patched, dataset, check_temperatures(temperatures), class_index, opts, fingerprint or {})
+    p = _plan(patched, dataset, check_temperatures(temperatures), class_index, opts, fingerprint or {},
+              class_reduce)
     from . import dist
 
     if dist.world_size() > 1:
@@ -175,23 +184,25 @@ class _Plan:
 
     patched: PatchedClassifier
     dataset: Any
-    index: list[int]  # model output per dataset class
+    index: list[Any]  # model output per dataset class (a list of outputs for a many-to-one class)
     temps: list[float]  # collected: the requested ones (and inf), plus the paper's set while small
     temps_req: set[float]
     options: CollectOptions
     dev: torch.device
     amp_dtype: Optional[torch.dtype]
     workers: int
-    key: str  # the cache key: model, data, class index, AMP, fingerprint
+    key: str  # the cache key: model, data, class index (groups and reduction), AMP, fingerprint
     fingerprint: dict
+    groups: Optional[list[list[int]]] = None  # outputs per dataset class when some class has several
+    reduce: str = "max"  # how a class's outputs are reduced (with ``groups``)
 
     @property
     def n(self) -> int:
         return len(self.dataset)
 
 
-def _plan(patched: PatchedClassifier, dataset, temperatures: Sequence[float], class_index: Optional[Sequence[int]],
-          opts: CollectOptions, fingerprint: dict) -> _Plan:
+def _plan(patched: PatchedClassifier, dataset, temperatures: Sequence[float], class_index: Optional[Sequence[Any]],
+          opts: CollectOptions, fingerprint: dict, class_reduce: str = "max") -> _Plan:
     temps_req = {float(t) for t in temperatures} | {math.inf}
     # the paper's T set rides along for free unless it would make the stats large (ImageNet-sized C)
     small = len(dataset) * len(dataset.classes) * len(DEFAULT_TEMPERATURES) <= EXTRA_T_BUDGET
@@ -199,13 +210,53 @@ def _plan(patched: PatchedClassifier, dataset, temperatures: Sequence[float], cl
     dev = resolve_device(opts.device)
     amp_dtype = resolve_amp(opts.amp, dev)
     c_model = int(patched.info.num_classes)
-    index = list(range(c_model)) if class_index is None else [int(i) for i in class_index]
-    if len(index) != len(dataset.classes):
-        raise PatchCSRAError(f"class_index has {len(index)} entries for {len(dataset.classes)} dataset classes")
+    index, groups = _class_plan(class_index, c_model, len(dataset.classes))
+    reduce = check_class_reduce(class_reduce)
+    what = {"index": index} if groups is None else {"index": groups, "reduce": reduce}  # one-to-one: the old key
     key = digest({"v": STATS_VERSION, "model": model_fingerprint(patched.split), "data": dataset.fingerprint(),
-                   "index": index, "amp": str(amp_dtype), "extra": fingerprint})
+                   **what, "amp": str(amp_dtype), "extra": fingerprint})
     workers = default_workers() if opts.workers is None else int(opts.workers)
-    return _Plan(patched, dataset, index, temps, temps_req, opts, dev, amp_dtype, workers, key, fingerprint)
+    return _Plan(patched, dataset, groups or index, temps, temps_req, opts, dev, amp_dtype, workers, key, fingerprint,
+                 groups, reduce)
+
+
+def _class_plan(class_index: Optional[Sequence[Any]], c_model: int,
+                c_data: int) -> tuple[list[int], Optional[list[list[int]]]]:
+    """``(one output per class, None)`` when every class has one output, else ``([], outputs per class)``."""
+    if class_index is None:
+        return list(range(c_model)), None
+    groups = class_groups(class_index)
+    if len(groups) != c_data:
+        raise PatchCSRAError(f"class_index has {len(groups)} entries for {c_data} dataset classes")
+    bad = [i for g in groups for i in g if not 0 <= i < c_model]
+    if bad:
+        raise PatchCSRAError(f"class_index: output {bad[0]} is outside [0, {c_model}) (the model outputs {c_model})")
+    if all(len(g) == 1 for g in groups):
+        return [g[0] for g in groups], None
+    return [], groups
+
+
+def _class_gather(p: _Plan, dev: torch.device) -> Optional[Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]]:
+    """``gather(base (b, C_m), s (b, C_m, L)) -> (base (b, C), s (b, C, L))`` for the dataset's classes; ``None``
+    for the identity. A many-to-one class reduces its outputs (``p.reduce``) over a padded ``(C, G)`` index whose
+    padding points at an appended ``-inf`` output (neutral for max and logsumexp)."""
+    c_model = int(p.patched.info.num_classes)
+    if p.groups is None:
+        if p.index == list(range(c_model)):
+            return None
+        idx = torch.as_tensor(p.index, dtype=torch.long, device=dev)
+        return lambda base, s: (base[:, idx], s[:, idx])
+    width = max(len(g) for g in p.groups)
+    pad = torch.tensor([g + [c_model] * (width - len(g)) for g in p.groups], dtype=torch.long,
+                       device=dev)  # (C, G)
+    reduce = torch.amax if p.reduce == "max" else torch.logsumexp
+
+    def gather(base: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+        base = torch.cat([base, base.new_full((base.shape[0], 1), -math.inf)], dim=1)[:, pad]  # (b, C, G)
+        s = torch.cat([s, s.new_full((s.shape[0], 1, s.shape[2]), -math.inf)], dim=1)[:, pad]  # (b, C, G, L)
+        return reduce(base, dim=2), reduce(s, dim=2)
+
+    return gather
 
 
 def _collect_single(p: _Plan, progress: Optional[Progress]) -> Stats:
@@ -335,8 +386,7 @@ def _forward_into(p: _Plan, temps: Sequence[float], out: dict[str, Tensor]) -> C
     cl = dev.type == "cuda" if p.options.channels_last is None else p.options.channels_last
     if cl and patched.info.layout == "NCHW":
         model = model.to(memory_format=torch.channels_last)
-    idx = torch.as_tensor(p.index, dtype=torch.long, device=dev)
-    identity = p.index == list(range(int(patched.info.num_classes)))
+    gather = _class_gather(p, dev)
     finite = [(j, t) for j, t in enumerate(temps) if not math.isinf(t)]
     infinite = [j for j, t in enumerate(temps) if math.isinf(t)]
 
@@ -347,8 +397,8 @@ def _forward_into(p: _Plan, temps: Sequence[float], out: dict[str, Tensor]) -> C
         with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             _, base, s = patched.forward_pass(x)
         base, s = base.float(), s.float()
-        if not identity:
-            base, s = base[:, idx], s[:, idx]
+        if gather is not None:
+            base, s = gather(base, s)
         mx = s.amax(dim=-1)
         att = {j: residual_attention(s, t) for j, t in finite}  # (b, C) each
         out["base"][rs] = base

@@ -80,7 +80,7 @@ def test_refuses_overwrite_without_force(r20_file, tmp_path):
 @pytest.mark.parametrize("args,msg", [
     (["patch", "timm:resnt18", "-o", "{tmp}/a.pt"], "did you mean: resnet18"),
     (["patch", "{tmp}/missing.pth", "-o", "{tmp}/a.pt"], "missing.pth: no such file"),
-    (["patch", "{src}", "-o", "{tmp}/a.pt"], "pass arch="),
+    (["patch", "{src}", "-o", "{tmp}/a.pt"], "pass --arch"),
     (["patch", "{src}", "--arch", "custom_nets:resnet20", "--lam", "-1", "-o", "{tmp}/a.pt"], "lam=-1.0 is invalid"),
     (["patch", "{src}", "--arch", "custom_nets:resnet20", "--lam", "abc", "-o", "{tmp}/a.pt"], "--lam 'abc' is not a number"),
     (["patch", "{src}", "--arch", "custom_nets:resnet20", "--input-size", "3,32", "-o", "{tmp}/a.pt"], "--input-size"),

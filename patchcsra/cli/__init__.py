@@ -4,6 +4,11 @@ Each verb parses strings into the option dataclasses of :mod:`patchcsra.options`
 renders the result; heavy imports (torch, timm, pandas) happen inside the verb, so ``patchcsra --help``
 and ``--version`` start at once. Bad input exits with status 2 and one line on stderr (``error: ...``);
 nothing is half-written.
+
+Habits shared by every verb (:class:`~patchcsra.cli._common.VerbCommand`): ``-q/--quiet`` and ``-v/--verbose``;
+results (tables, the final line, ``--json``) on stdout and everything else on stderr; progress as rich bars on
+a terminal and one plain line every ~10 s elsewhere; timm's spellings (``--input-size 3 32 32``, a bare
+``--amp``). Shell completion: ``patchcsra --install-completion`` (typer's own).
 """
 from __future__ import annotations
 
@@ -12,8 +17,9 @@ import sys
 import typer
 
 from . import bench, demo, describe, explain, patch, report, sweep, train
+from ._common import VerbCommand
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]},
                   help="Training-free residual attention (CSRA) for any pretrained image classifier.")
 
@@ -32,14 +38,14 @@ def _main(version: bool = typer.Option(False, "--version", callback=_print_versi
     """Training-free residual attention (CSRA) for any pretrained image classifier."""
 
 
-app.command()(patch.patch)
-app.command()(describe.describe)
-app.command("sweep-lambda")(sweep.sweep_lambda)
-app.command()(report.report)
-app.command()(explain.explain)
-app.command("train-head")(train.train_head)
-app.command()(demo.demo)
-app.command()(bench.bench)
+app.command(cls=VerbCommand)(patch.patch)
+app.command(cls=VerbCommand)(describe.describe)
+app.command("sweep-lambda", cls=VerbCommand)(sweep.sweep_lambda)
+app.command(cls=VerbCommand)(report.report)
+app.command(cls=VerbCommand)(explain.explain)
+app.command("train-head", cls=VerbCommand)(train.train_head)
+app.command(cls=VerbCommand)(demo.demo)
+app.command(cls=VerbCommand)(bench.bench)
 
 
 def main() -> None:  # console-script entry point

@@ -8,22 +8,29 @@ import typer
 from rich.table import Table
 
 from ..errors import PatchCSRAError
-from ._common import err, fail, out
+from ._common import OUTPUT, RUN, done, err, errors, fail, make_progress, out
+
+CHECK = "Regression check"
 
 
 def bench(
     suite: str = typer.Argument("demo", help="a built-in suite (demo) or a suite JSON file, e.g. benchmarks/ci.json"),
-    out_file: Optional[Path] = typer.Option(None, "--out", "-o", help="result JSON (default: WORK_DIR/<suite>.json)"),
+    out_file: Optional[Path] = typer.Option(None, "--out", "-o", help="result JSON (default: WORK_DIR/<suite>.json)",
+                                            rich_help_panel=OUTPUT),
     check: Optional[Path] = typer.Option(None, "--check", help="expected JSON: exit 1 when a score moves "
-                                          "beyond its tolerance or λ=0 exactness breaks"),
-    results: Optional[Path] = typer.Option(None, "--results", help="check this result JSON instead of running"),
-    work_dir: Path = typer.Option(Path("runs/bench"), "--work-dir", help="extracted data and each case's files"),
-    only: Optional[str] = typer.Option(None, "--only", help="comma-separated case names"),
-    workers: int = typer.Option(0, "--workers", help="DataLoader workers (0: in-process, deterministic)"),
-    force: bool = typer.Option(False, "--force", help="overwrite an existing --out"),
+                                          "beyond its tolerance or λ=0 exactness breaks", rich_help_panel=CHECK),
+    results: Optional[Path] = typer.Option(None, "--results", help="check this result JSON instead of running",
+                                           rich_help_panel=CHECK),
+    work_dir: Path = typer.Option(Path("runs/bench"), "--work-dir", help="extracted data and each case's files",
+                                  rich_help_panel=OUTPUT),
+    only: Optional[str] = typer.Option(None, "--only", metavar="NAMES", help="comma-separated case names (default: "
+                                       "all)", rich_help_panel=RUN),
+    workers: int = typer.Option(0, "--workers", help="DataLoader workers (0: in-process, deterministic)",
+                                rich_help_panel=RUN),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing --out", rich_help_panel=OUTPUT),
 ) -> None:
     """Run a benchmark suite into one JSON; with --check, fail on regressions (the CI gate)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
     from .. import bench as B
 
@@ -38,8 +45,8 @@ def bench(
             if target.exists() and not force:
                 raise PatchCSRAError(f"{target} exists; pass --force to overwrite it or choose another --out")
             names = [n.strip() for n in only.split(",") if n.strip()] if only else None
-            with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                          TimeElapsedColumn(), console=err, transient=True) as progress:
+            with make_progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                               TimeElapsedColumn(), unit="it") as progress:
                 task = progress.add_task(f"suite {st.name}", total=None)
 
                 def cb(msg: str, done: int, total: Optional[int]) -> None:
@@ -48,7 +55,7 @@ def bench(
                 record = B.run_suite(st, work_dir, only=names, workers=workers, progress=cb)
             B.write_json(record, target, force=force)
             _bench_table(record)
-            out.print(f"[green]wrote[/] {target}", highlight=False)
+            done(f"[green]wrote[/] {target}")
         if check is not None:
             rows = B.check_results(record, expected)
     except (PatchCSRAError, OSError) as e:
@@ -76,10 +83,10 @@ def _gate(rows: list, check: Path, expected: dict, record: dict) -> None:
             f"{'[bold red]' if bad else ''}environment differs from {check}{'[/]' if bad else ''} (what can move a "
             "figure): " + "; ".join(f"{k} {a} -> {b}" for k, a, b in moved), highlight=False, soft_wrap=True)
     if bad:
-        err.print(f"[bold red]regression:[/] {len(bad)} of {len(rows)} checks failed "
+        errors.print(f"[bold red]regression:[/] {len(bad)} of {len(rows)} checks failed "
                   f"({', '.join(sorted({f'{r.case}/{r.metric or r.field}' for r in bad}))})", highlight=False)
         raise typer.Exit(1)
-    out.print(f"[green]all {len(rows)} checks passed[/]")
+    done(f"[green]all {len(rows)} checks passed[/]")
 
 
 def _bench_table(record: dict) -> None:

@@ -1,22 +1,23 @@
 """``patchcsra describe``: the pooling head patchcsra finds in a model (or the record of a patched file)."""
 from __future__ import annotations
 
-import json
-import sys
 from typing import Optional
 
 import typer
 
 from ..errors import PatchCSRAError
 from .patch import warnings_once
-from ._common import (SOURCE_HELP, Arch, Ema, NumClasses, Pretrained, Trust, Weights, err, fail, info_table, model_source,
-                      out, parse_input_size)
+from ._common import (SOURCE_HELP, Arch, Ema, NumClasses, Pretrained, Trust, Weights, emit_json, fail, info_table,
+                      model_source, out, parse_input_size, status)
 
 
 def describe(
     source: str = typer.Argument(..., help=SOURCE_HELP),
-    input_size: Optional[str] = typer.Option(None, "--input-size", help="C,H,W of the probe"),
-    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+    input_size: Optional[str] = typer.Option(None, "--input-size", metavar="C,H,W", help="size of the probe, e.g. "
+                                             "3,224,224 or 3 224 224 (default: model config, else 3,224,224)",
+                                             rich_help_panel="Preprocessing"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON on stdout instead of a table (nothing else goes "
+                                 "to stdout)", rich_help_panel="Output"),
     arch: Arch = None, weights: Weights = None, num_classes: NumClasses = None, pretrained: Pretrained = True,
     trust: Trust = False, ema: Ema = False,
 ) -> None:
@@ -26,7 +27,7 @@ def describe(
 
     try:
         size = parse_input_size(input_size)
-        with err.status(f"loading {source}"):
+        with status(f"loading {source}"):
             model = model_source(source, arch, weights, num_classes, pretrained, trust, ema).load()
         meta = getattr(model, "patchcsra_meta", None)
         if isinstance(meta, dict) and meta.get("kind") == "trained-head":  # a train-head model.pt: its record
@@ -49,6 +50,6 @@ def describe(
 
 def _show(record: dict, as_json: bool, source: str) -> None:
     if as_json:
-        sys.stdout.write(json.dumps(record, indent=1) + "\n")
+        emit_json(record)
     else:
-        out.print(info_table(record, f"{source}"))
+        out.print(info_table(record, f"{source}"))  # the result itself: kept by --quiet

@@ -9,22 +9,26 @@ from typing import Iterator, Optional
 import typer
 
 from ..errors import PatchCSRAError
-from ._common import (SOURCE_HELP, Arch, Ema, Force, NumClasses, Pretrained, Trust, Weights, err, fail, model_source,
-                      out, parse_float, parse_input_size)
+from ._common import (SOURCE_HELP, Arch, Ema, Force, Json, NumClasses, Pretrained, Trust, Weights, done, emit_json,
+                      fail, model_source, parse_float, parse_input_size, status)
 
 
 def patch(
     source: str = typer.Argument(..., help=SOURCE_HELP),
     output: Path = typer.Option(..., "-o", "--output", help="output file: .pt2 (torch.export), .onnx (ONNX, needs "
-                                "patchcsra[onnx]) or .pt (TorchScript); dynamic batch, height and width where the "
-                                "model allows"),
-    lam: Optional[str] = typer.Option(None, "--lam", help="λ >= 0 (default: 0.02 for ResNets, 0.2 otherwise)"),
-    temperature: str = typer.Option("inf", "--temperature", "-T", help="inf (max over locations) or T > 0"),
-    fmt: str = typer.Option("auto", "--format", help="auto | torchscript | export | onnx"),
-    input_size: Optional[str] = typer.Option(None, "--input-size", help="C,H,W of the probe (default: model config, else 3,224,224 with a warning); the "
-                                    "written file is not limited to it"),
+                                "patchcsra\\[onnx]) or .pt (TorchScript); dynamic batch, height and width where the "
+                                "model allows", rich_help_panel="Output"),
+    lam: Optional[str] = typer.Option(None, "--lam", metavar="FLOAT", help="λ >= 0 (default: 0.02 for ResNets, 0.2 "
+                                      "otherwise)"),
+    temperature: str = typer.Option("inf", "--temperature", "-T", metavar="FLOAT|inf", help="inf (max over "
+                                    "locations, as sweep-lambda's default) or T > 0"),
+    fmt: str = typer.Option("auto", "--format", help="auto (from -o's suffix) | torchscript | export | onnx"),
+    input_size: Optional[str] = typer.Option(None, "--input-size", metavar="C,H,W", help="size of the probe, e.g. "
+                                             "3,224,224 or 3 224 224 (default: model config, else 3,224,224 with a "
+                                             "warning); the written file is not limited to it",
+                                             rich_help_panel="Preprocessing"),
     arch: Arch = None, weights: Weights = None, num_classes: NumClasses = None, pretrained: Pretrained = True,
-    trust: Trust = False, ema: Ema = False, force: Force = False,
+    trust: Trust = False, ema: Ema = False, force: Force = False, as_json: Json = False,
 ) -> None:
     """Patch a classifier's head and write it as TorchScript, a torch.export archive or ONNX."""
     from ..export import export_format, save_patched
@@ -39,40 +43,37 @@ def patch(
             raise PatchCSRAError(f"{output} exists; pass --force to overwrite it")
         if Path(source).exists() and Path(source).resolve() == output.resolve():
             raise PatchCSRAError(f"-o {output} is the input file; write to another path")
-        with err.status(f"loading {source}"):
+        with status(f"loading {source}"):
             model = model_source(source, arch, weights, num_classes, pretrained, trust, ema).load()
-        with err.status("finding the head and patching"), warnings_once():
+        with status("finding the head and patching"), warnings_once():
             patched = do_patch(model, lam=lam_v, temperature=t_v, input_size=size)
-        with err.status(f"writing {out_fmt} to {output}"), warnings_once():
+        with status(f"writing {out_fmt} to {output}"), warnings_once():
             save_patched(patched, output, fmt=out_fmt, source={"spec": source, "arch": arch, "weights": weights},
                          force=force)
     except (PatchCSRAError, OSError) as e:
         fail(e)
     i = patched.info
-    out.print(f"[green]wrote[/] {output} ({out_fmt}): {i.model_class.rsplit('.', 1)[-1]} head {i.kind} "
-              f"[{i.layout}, {i.num_locations} locations], λ={patched.lam:g}, "
-              f"T={temperature_text(patched.temperature)}", highlight=False)
+    done(f"[green]wrote[/] {output} ({out_fmt}): {i.model_class.rsplit('.', 1)[-1]} head {i.kind} "
+         f"\\[{i.layout}, {i.num_locations} locations], λ={patched.lam:g}, T={temperature_text(patched.temperature)}")
+    if as_json:
+        from ..patcher import temperature_json
 
-
-class _ErrConsole(logging.Handler):
-    """The library's warnings (module loggers under ``patchcsra``) as one ``warning: ...`` line each on stderr."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.seen: set[str] = set()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        msg = record.getMessage()
-        if msg not in self.seen:  # each warning once, however often the library says it
-            self.seen.add(msg)
-            err.print(f"[bold yellow]warning:[/] {msg}", highlight=False, soft_wrap=True)
+        emit_json({"output": str(output), "format": out_fmt, "bytes": output.stat().st_size, "lam": patched.lam,
+                   "temperature": temperature_json(patched.temperature),
+                   "source": {"spec": source, "arch": arch, "weights": weights}, "head": i.as_dict()})
 
 
 @contextmanager
 def warnings_once() -> Iterator[None]:
-    """While inside: ``patchcsra`` warnings go to stderr once each (not also through Python's last-resort handler)."""
+    """Kept for callers: inside a verb the session's handler (:class:`~patchcsra.cli._common.LogLines`) already
+    shows each ``patchcsra`` warning once on stderr; outside one, this installs such a handler."""
+    from ._common import LogLines
+
     logger = logging.getLogger("patchcsra")
-    handler, propagate = _ErrConsole(), logger.propagate
+    if any(isinstance(h, LogLines) for h in logger.handlers):
+        yield
+        return
+    handler, propagate = LogLines(logging.WARNING), logger.propagate
     logger.addHandler(handler)
     logger.propagate = False
     try:

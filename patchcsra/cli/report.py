@@ -7,12 +7,13 @@ from typing import Optional
 import typer
 
 from ..errors import PatchCSRAError
-from ._common import Force, check_out, fail, out
+from ._common import OUTPUT, Force, check_out, done, fail, out
 
 
 def report(
     runs: list[Path] = typer.Argument(..., help="run directories written by sweep-lambda"),
-    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="write table.csv, table.md, table.tex here"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="write table.csv, table.md, table.tex here "
+                                           "(default: print only)", rich_help_panel=OUTPUT),
     force: Force = False,
 ) -> None:
     """Merge sweep runs into one Table 1 (rows = dataset x model)."""
@@ -31,6 +32,6 @@ def report(
             write_table(table, out_dir, force=force)
     except (PatchCSRAError, OSError) as e:
         fail(e)
-    out.print(rich_table(table, title="Table 1"))
+    out.print(rich_table(table, title="Table 1"))  # the result itself: kept by --quiet
     if out_dir is not None:
-        out.print(f"[green]wrote[/] {out_dir}/", highlight=False)
+        done(f"[green]wrote[/] {out_dir}/")

@@ -9,11 +9,10 @@ import typer
 
 from ..errors import PatchCSRAError
 from ..options import DEFAULT_MAX_PIXELS
-from ._common import (OUTPUT, RUN, SOURCE_HELP, Arch, CropPct, Ema, Device, Force, ImgSize, InputSize, Interpolation,
-                      MaxPixels, Mean, NumClasses, Pretrained, Std, Trust, Weights, Workers, check_out, err, fail,
-                      interruptible, model_source, out, parse_float, parse_floats, run_inputs, transform_overrides)
-
-GRID = "λ/T grid and choices"
+from ._common import (GRID, OUTPUT, RUN, SOURCE_HELP, Arch, CropPct, Ema, Device, Force, ImgSize, InputSize,
+                      Interpolation, Json, MaxPixels, Mean, NumClasses, Pretrained, Std, Trust, Weights, Workers,
+                      amp_choice, check_out, done, emit_json, err, fail, interruptible, make_progress, model_source,
+                      parse_float, parse_floats, run_inputs, show, transform_overrides)
 
 
 def sweep_lambda(
@@ -38,8 +37,13 @@ def sweep_lambda(
     bootstrap: int = typer.Option(1000, "--bootstrap", help="paired bootstrap resamples for Δ intervals (0: off)",
                                   rich_help_panel=GRID),
     seed: int = typer.Option(0, "--seed", help="seed of the folds and the bootstrap", rich_help_panel=GRID),
-    class_map: Optional[Path] = typer.Option(None, "--class-map", help="JSON {class: output index} or CSV "
-                                             "'class,index' when dataset and model classes differ"),
+    class_map: Optional[Path] = typer.Option(None, "--class-map", help="JSON {class: index or list of "
+                                             "indices}, CSV 'class,index' (a class may repeat) or a text file of one "
+                                             "output name per line, when dataset and model classes differ"),
+    class_reduce: str = typer.Option("max", "--class-reduce", help="max | logsumexp of the outputs a "
+                                     "--class-map sends one class to (logits and per-location scores)"),
+    class_names: Optional[Path] = typer.Option(None, "--class-names", help="names of the model's outputs: one "
+                                               "per line (line i names output i) or a JSON list"),
     difficult: str = typer.Option("ignore", "--difficult", help="VOC difficult-only labels: ignore | positive"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="score without missing/unreadable images"),
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
@@ -49,7 +53,10 @@ def sweep_lambda(
     interpolation: Interpolation = None, mean: Mean = None, std: Std = None,
     batch_size: int = typer.Option(32, "--batch-size", "-b", help="images per forward pass", rich_help_panel=RUN),
     workers: Workers = None, device: Device = "auto",
-    amp: str = typer.Option("auto", "--amp", help="auto (bf16 on GPU) | bf16 | fp16 | none", rich_help_panel=RUN),
+    amp: str = typer.Option("auto", "--amp", help="auto (bf16 on GPU) | bf16 | fp16 | none; a bare --amp (timm's "
+                            "flag) is auto", rich_help_panel=RUN),
+    amp_dtype: Optional[str] = typer.Option(None, "--amp-dtype", metavar="DTYPE", help="timm's spelling of the "
+                                            "--amp dtype: bfloat16 | float16 (bf16 | fp16)", rich_help_panel=RUN),
     channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last",
                                                  help="NHWC memory format (default: on GPU)", rich_help_panel=RUN),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="stats cache (default: $PATCHCSRA_CACHE "
@@ -62,7 +69,11 @@ def sweep_lambda(
                                       "again the images changed since they were cached (the cache key holds each "
                                       "file's size, mtime and sampled bytes)", rich_help_panel=RUN),
     arch: Arch = None, weights: Weights = None, num_classes: NumClasses = None, pretrained: Pretrained = True,
-    trust: Trust = False, ema: Ema = False, force: Force = False,
+    trust: Trust = False, ema: Ema = False, force: Force = False, as_json: Json = False,
+    results_file: Optional[Path] = typer.Option(None, "--results-file", metavar="FILE", help="also add the run's "
+                                                "row to this timm-style results CSV (model, img_size, crop_pct, "
+                                                "interpolation, metric, baseline, cv/fixed/oracle λ and scores; "
+                                                "appended when FILE exists)", rich_help_panel=OUTPUT),
 ) -> None:
     """Sweep λ (and T) over a dataset in one forward pass; write a Table-1 report."""
     from .. import dist
@@ -85,6 +96,11 @@ def sweep_lambda(
             raise PatchCSRAError(f"--data {data} does not exist")
         if difficult not in ("ignore", "positive"):
             raise PatchCSRAError(f"--difficult {difficult!r}: choose ignore or positive")
+        amp = amp_choice(amp, amp_dtype)
+        if results_file is not None:
+            from ..report import check_results_file
+
+            check_results_file(results_file, "--results-file")
         grid = SweepOptions(lams=tuple(parse_floats(lams, "--lams") or DEFAULT_LAMS),
                             temperatures=tuple(parse_floats(temperatures, "--temperatures") or ()),
                             fixed_lam=None if fixed_lam is None else parse_float(fixed_lam, "--fixed-lam"),
@@ -99,25 +115,35 @@ def sweep_lambda(
         with interruptible(note), _collect_progress(not dist.is_main()) as cb:
             run = run_sweep(model_source(source, arch, weights, num_classes, pretrained, trust, ema), data, split=split,
                             data_format=data_format, difficult=difficult, class_map=class_map, skip_bad=skip_bad,
+                            class_reduce=class_reduce, class_names=class_names,
                             grid=grid, transform=tf, options=opts, progress=cb, max_pixels=max_pixels,
                             limit=limit)
         if run is None:  # another torchrun rank wrote nothing; rank 0 writes the run
             return
         run.write(out_dir, force=force)
+        if results_file is not None:
+            from ..report import append_results_file
+
+            append_results_file(results_file, run.summary)
     except (PatchCSRAError, OSError) as e:
         fail(e)
     _report(run.summary, out_dir, batch_size)
+    if results_file is not None:
+        err.print(f"added a row to {results_file}", highlight=False, soft_wrap=True)
+    if as_json:
+        emit_json(run.summary)
 
 
 class _collect_progress:
-    """A progress bar on stderr for the pass (``with ... as cb``: ``cb(done, total)``), with images/s."""
+    """Progress of the pass on stderr (``with ... as cb``: ``cb(done, total)``), with images/s: a bar on a
+    terminal, a plain line every ~10 s elsewhere (:func:`~patchcsra.cli._common.make_progress`)."""
 
     def __init__(self, disable: bool) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=err,
-                                 transient=True, disable=disable)
+        self.progress = make_progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                      TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), unit="img",
+                                      disable=disable)
         self.t0: Optional[tuple[float, int]] = None
 
     def __enter__(self):
@@ -151,6 +177,6 @@ def _report(s: dict, out_dir: Path, batch_size: int) -> None:
     if c.get("oom_retries"):
         err.print(f"[yellow]note:[/] CUDA ran out of memory {c['oom_retries']} time(s) at batch size {batch_size}; "
                   f"collected at batch size {c['batch_size']}", highlight=False)
-    out.print(rich_table(table_frame([s]), title=f"{s['model']['name']} on {s['dataset']['name']}"))
-    out.print(f"[green]wrote[/] {out_dir}/ ({s['images']['scored']} images; pass: {c['forward_images']} forward, "
-              f"{c['seconds']:.1f} s on {c['device']})", highlight=False)
+    show(rich_table(table_frame([s]), title=f"{s['model']['name']} on {s['dataset']['name']}"))
+    done(f"[green]wrote[/] {out_dir}/ ({s['images']['scored']} images; pass: {c['forward_images']} forward, "
+         f"{c['seconds']:.1f} s on {c['device']})")

@@ -8,9 +8,10 @@ import typer
 
 from ..errors import PatchCSRAError
 from ..options import DEFAULT_MAX_PIXELS
-from ._common import (OUTPUT, RUN, SOURCE_HELP, Arch, CropPct, Ema, Device, ImgSize, InputSize, Interpolation,
+from ._common import (OUTPUT, RUN, SOURCE_HELP, Arch, CropPct, Ema, Device, ImgSize, InputSize, Interpolation, Json,
                       MaxPixels, Mean, NumClasses, Pretrained, Std, Trust, Weights, Workers, check_out, device_arg,
-                      err, fail, interruptible, model_source, out, parse_floats, run_inputs, transform_overrides)
+                      done, emit_json, err, fail, interruptible, make_progress, model_source, parse_floats,
+                      run_inputs, show, transform_overrides)
 
 HEAD, RECIPE = "Head", "Recipe"
 
@@ -59,6 +60,7 @@ def train_head(
     trust: Trust = False, ema: Ema = False,
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted run in OUT", rich_help_panel=RUN),
     force: bool = typer.Option(False, "--force", help="delete OUT and start over", rich_help_panel=OUTPUT),
+    as_json: Json = False,
 ) -> None:
     """Train a CSRA (or attention-pooling) head on a pretrained backbone."""
     from .. import dist
@@ -93,25 +95,29 @@ def train_head(
     if not dist.is_main():
         return
     r = run.train
-    out.print(f"[green]wrote[/] {out_dir}/: best epoch {r.best_epoch} (val {r.metric} {r.best_metric:.2f}), "
-              "model.pt, history.csv, curve.png", highlight=False)
     if run.evaluated is not None:
-        out.print(rich_table(table_frame([run.evaluated.summary]), title=f"{eval_split}: trained head"))
+        show(rich_table(table_frame([run.evaluated.summary]), title=f"{eval_split}: trained head"))
+    done(f"[green]wrote[/] {out_dir}/: best epoch {r.best_epoch} (val {r.metric} {r.best_metric:.2f}), "
+         "model.pt, history.csv, curve.png")
+    if as_json:
+        emit_json({"out": str(out_dir), "best_epoch": r.best_epoch, "metric": r.metric, "best_metric": r.best_metric,
+                   "train": r.summary, "eval": run.evaluated.summary if run.evaluated is not None else None})
 
 
 class _EpochProgress:
-    """A step bar per epoch on stderr and one line per finished epoch (``with ... as cb``: ``cb(event)``)."""
+    """A step bar per epoch on stderr (plain lines every ~10 s when not a terminal) and one line per finished
+    epoch (``with ... as cb``: ``cb(event)``)."""
 
     def __init__(self, disable: bool) -> None:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
 
-        self.progress = Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(),
-                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err, transient=True,
-                                 disable=disable)
+        self.progress = make_progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(),
+                                      TextColumn("{task.fields[info]}"), TimeElapsedColumn(), unit="step",
+                                      disable=disable)
 
     def __enter__(self):
         self.progress.__enter__()
-        self.task = self.progress.add_task("train", total=None, epoch="", info="")
+        self.task = self.progress.add_task("epoch", total=None, epoch="", info="")
         return self
 
     def __exit__(self, *exc) -> None:
