@@ -76,11 +76,12 @@ class SweepRun:
     def stats(self) -> Stats:
         return self.result.stats
 
-    def write(self, out_dir: Union[str, Path], *, force: bool = False) -> Path:
-        """``results.csv``, ``per_class.csv``, ``summary.json``, ``table.md``, ``table.tex``, ``curve.png``."""
+    def write(self, out_dir: Union[str, Path], *, force: bool = False, formats: Sequence[str] = ("png",)) -> Path:
+        """``results.csv``, ``per_class.csv``, ``summary.json``, ``table.md``, ``table.tex``, ``curve.png`` (and
+        ``curve.pdf`` / ``curve.svg`` when in ``formats``)."""
         from .report import write_run
 
-        return write_run(self.result, out_dir, self.summary, force=force)
+        return write_run(self.result, out_dir, self.summary, force=force, formats=formats)
 
 
 def _model_name(source: Union[str, os.PathLike, nn.Module, ModelSource]) -> str:
@@ -179,8 +180,8 @@ def sweep_lambda(source: Union[str, os.PathLike, nn.Module, ModelSource], data: 
                  grid: Optional[SweepOptions] = None, transform: Optional[TransformOverrides] = None,
                  options: Optional[CollectOptions] = None, load_kwargs: Optional[dict] = None,
                  model_name: Optional[str] = None, progress: Optional[Callable[[int, int], None]] = None,
-                 max_pixels: Optional[int] = None, limit: Optional[int] = None,
-                 **option_kwargs: Any) -> Optional[SweepRun]:
+                 max_pixels: Optional[int] = None, limit: Optional[int] = None, protocol: Optional[str] = None,
+                 scores: str = "auto", **option_kwargs: Any) -> Optional[SweepRun]:
     """Patch ``source``, collect scores over ``data`` in one pass, and sweep the λ/T grid.
 
     Under ``torchrun`` (after :func:`patchcsra.dist.init_from_env`) every rank collects its shard and
@@ -212,10 +213,15 @@ def sweep_lambda(source: Union[str, os.PathLike, nn.Module, ModelSource], data: 
             dataset's own, :data:`~patchcsra.data.DEFAULT_MAX_PIXELS` for a path; ``0``: no limit).
         limit: score a seeded (the grid's ``seed``), class-stratified subset of this many images; recorded in
             ``summary.json`` under ``dataset.limit``.
+        protocol: metric conventions (:data:`patchcsra.protocols.PROTOCOLS`; default ``patchcsra``), recorded in
+            ``summary.json`` (``settings.protocol``, ``settings.conventions``) and under the tables.
+        scores: ``auto`` (default), ``logit`` or ``prob``: whether thresholds apply to the sigmoid of the scores or
+            to the scores themselves (``auto``: probabilities when every baseline score is in [0, 1]).
         **option_kwargs: any field of the three option classes, e.g. ``lams=[0, 0.1]``, ``img_size=448``,
             ``workers=0``: merged into them once, here.
     """
     tf, opts, so = split_options(option_kwargs, transform=transform, collect=options, sweep=grid)
+    protocol = _check_protocol(protocol, scores)
     prep = prepare(source, data, split=split, data_format=data_format, difficult=difficult, class_map=class_map,
                    class_reduce=class_reduce, class_names=class_names, transform=tf, fixed_lam=so.fixed_lam,
                    load_kwargs=load_kwargs, model_name=model_name, max_pixels=max_pixels, limit=limit,
@@ -243,8 +249,18 @@ def sweep_lambda(source: Union[str, os.PathLike, nn.Module, ModelSource], data: 
     if bad:
         _logger.warning("skipping %d unreadable image(s): %s (%s)", len(bad), ", ".join(bad[:10]),
                         _why_unreadable(ds, bad_rows))
-    result = sweep(stats, **{**so.as_kwargs(), "fixed_lam": prep.fixed_lam}, model=prep.model_name)
+    result = sweep(stats, **{**so.as_kwargs(), "fixed_lam": prep.fixed_lam}, model=prep.model_name,
+                   exact_linear=bool(prep.patched.info.exact_linear), protocol=protocol, scores=scores)
     return SweepRun(result, _summary(result, prep, source, ds, difficult, opts, stats, seconds))
+
+
+def _check_protocol(protocol: Optional[str], scores: str) -> str:
+    """The protocol's name, refusing an unknown protocol or score kind before any work (one line naming the flag)."""
+    from .protocols import SCORE_KINDS, get_protocol
+
+    if scores not in SCORE_KINDS:
+        raise PatchCSRAError(f"--scores {scores!r}: choose one of {', '.join(SCORE_KINDS)}")
+    return get_protocol(protocol, "--protocol").name
 
 
 def _why_unreadable(ds, rows: np.ndarray, show: int = 3) -> str:

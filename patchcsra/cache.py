@@ -200,9 +200,10 @@ class CacheEntry:
 
 
 def row_shapes(c: int, n_t: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Per-image shapes of the stored statistics for ``c`` classes and ``n_t`` temperatures."""
+    """Per-image shapes of the stored statistics for ``c`` classes and ``n_t`` temperatures (``avgmax``: the head
+    on the avg+max pooled feature vector, :attr:`patchcsra.stats.Stats.avgmax`; NaN where it does not apply)."""
     return {"base": ((c,), torch.float32), "max": ((c,), torch.float32), "att": ((c, n_t), torch.float32),
-            "ok": ((), torch.bool)}
+            "avgmax": ((c,), torch.float32), "ok": ((), torch.bool)}
 
 
 def alloc_rows(n: int, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, Tensor]:

@@ -24,7 +24,11 @@ from .options import DEFAULT_LAMS, SweepOptions, split_options
 from .patcher import temperature_json
 from .stats import Stats
 
-__all__ = ["DEFAULT_LAMS", "Choice", "SweepResult", "evaluate_grid", "sweep", "primary_metric", "check_finite"]
+__all__ = ["DEFAULT_LAMS", "Choice", "SweepResult", "evaluate_grid", "sweep", "primary_metric", "check_finite",
+           "comparator_scores", "MULTI_HEAD_TEMPERATURES"]
+
+#: the paper's H = 8 temperature set (Sec. 3.4; the official code writes inf as 99), all collected by default
+MULTI_HEAD_TEMPERATURES: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, math.inf)
 
 _logger = logging.getLogger(__name__)
 
@@ -67,6 +71,11 @@ class SweepResult:
     per_class: pd.DataFrame
     settings: dict[str, Any] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
+    #: rows beside the λ choices from the same stats (:func:`comparator_scores`): ``ttp``, ``multihead``
+    comparators: dict[str, Choice] = field(default_factory=dict)
+    #: bootstrap 95% band of the metric along λ (:func:`_band`): ``{"resamples", "curves": [{temperature,
+    #: lams, low, high}]}``; empty without a bootstrap
+    band: dict[str, Any] = field(default_factory=dict)
 
 
 def primary_metric(stats: Stats) -> str:
@@ -86,25 +95,27 @@ def check_finite(stats: Stats, model: Optional[str] = None) -> None:
 
 
 def _metrics(stats: Stats, scores: torch.Tensor, rows: np.ndarray, top_k: int,
-             weight: Optional[np.ndarray] = None) -> dict[str, Any]:
+             weight: Optional[np.ndarray] = None, proto: Any = None, score_kind: str = "logit") -> dict[str, Any]:
+    """Every metric of ``scores`` on ``rows`` under protocol ``proto`` (:mod:`patchcsra.protocols`)."""
     s = scores.numpy()[rows]
     if stats.single_label:
         out = M.topk_accuracy(s, stats.labels()[rows], ks=(1, 5), sample_weight=weight)
-        out["mAP"] = M.mean_average_precision(s, stats.targets[rows], sample_weight=weight)[0]
+        out["mAP"] = M.protocol_metrics(s, stats.targets[rows], proto, sample_weight=weight, only="mAP")["mAP"]
         return out
-    return M.multilabel_metrics(s, stats.targets[rows], top_k=top_k, sample_weight=weight)
+    return M.protocol_metrics(s, stats.targets[rows], proto, top_k=top_k, score_kind=score_kind, sample_weight=weight)
 
 
-def _primary(stats: Stats, metric: str, top_k: int) -> Callable[[torch.Tensor, np.ndarray, Optional[np.ndarray]], Any]:
+def _primary(stats: Stats, metric: str, top_k: int, proto: Any = None,
+             score_kind: str = "logit") -> Callable[[torch.Tensor, np.ndarray, Optional[np.ndarray]], Any]:
     """A fast ``f(scores, rows, weight) -> value`` for the selection metric only."""
     if metric == "mAP":
-        return lambda s, rows, w=None: M.mean_average_precision(s.numpy()[rows], stats.targets[rows],
-                                                                sample_weight=w)[0]
+        return lambda s, rows, w=None: M.protocol_metrics(s.numpy()[rows], stats.targets[rows], proto,
+                                                          sample_weight=w, only="mAP")["mAP"]
     if metric in ("top1", "top5") and stats.single_label:
         k = int(metric[3:])
         return lambda s, rows, w=None: M.topk_accuracy(s.numpy()[rows], stats.labels()[rows], ks=(k,),
                                                        sample_weight=w)[metric]
-    return lambda s, rows, w=None: _metrics(stats, s, rows, top_k, w)[metric]
+    return lambda s, rows, w=None: _metrics(stats, s, rows, top_k, w, proto, score_kind)[metric]
 
 
 def _grid(lams: Sequence[float], temperatures: Sequence[float]) -> list[tuple[float, float]]:
@@ -114,7 +125,8 @@ def _grid(lams: Sequence[float], temperatures: Sequence[float]) -> list[tuple[fl
 
 
 def evaluate_grid(stats: Stats, lams: Sequence[float] = DEFAULT_LAMS, temperatures: Sequence[float] = (math.inf,),
-                  *, top_k: int = 3, rows: Optional[np.ndarray] = None) -> pd.DataFrame:
+                  *, top_k: int = 3, rows: Optional[np.ndarray] = None, protocol: Any = None,
+                  scores: str = "logit") -> pd.DataFrame:
     """Every metric at every grid point: a frame with columns ``lam, temperature, <metrics>``.
 
     Args:
@@ -122,15 +134,19 @@ def evaluate_grid(stats: Stats, lams: Sequence[float] = DEFAULT_LAMS, temperatur
         lams, temperatures: the grid (each T must have been collected).
         top_k: k of the CP/CR/.../OF1 top-k columns (multi-label data).
         rows: optional ``(N,)`` bool mask of images to score (default: all readable images).
+        protocol: a metric protocol name (:data:`patchcsra.protocols.PROTOCOLS`, default ``patchcsra``).
+        scores: ``logit`` or ``prob`` (thresholds on the sigmoid, or on the scores themselves).
     """
     opts = SweepOptions(lams=tuple(lams), temperatures=tuple(temperatures))  # checked here, once
-    return _evaluate(stats, _grid(opts.lams, opts.temperatures), top_k, rows)
+    proto, kind = _resolve_protocol(stats, protocol, scores)[:2]
+    return _evaluate(stats, _grid(opts.lams, opts.temperatures), top_k, rows, proto, kind)
 
 
 def _evaluate(stats: Stats, grid: Sequence[tuple[float, float]], top_k: int,
-              rows: Optional[np.ndarray]) -> pd.DataFrame:
+              rows: Optional[np.ndarray], proto: Any = None, score_kind: str = "logit") -> pd.DataFrame:
     mask = stats.ok if rows is None else (rows & stats.ok)
-    out = [{"lam": lam, "temperature": t, **_metrics(stats, stats.scores(lam, t), mask, top_k)} for lam, t in grid]
+    out = [{"lam": lam, "temperature": t, **_metrics(stats, stats.scores(lam, t), mask, top_k, None, proto,
+                                                     score_kind)} for lam, t in grid]
     return pd.DataFrame(out)
 
 
@@ -149,6 +165,7 @@ def _folds(rows: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
 
 
 def sweep(stats: Stats, *, options: Optional[SweepOptions] = None, top_k: int = 3, model: Optional[str] = None,
+          exact_linear: Optional[bool] = None, protocol: Any = None, scores: str = "auto",
           **option_kwargs: Any) -> SweepResult:
     """Table 1 for one (model, dataset), from collected stats: no forward passes.
 
@@ -162,6 +179,12 @@ def sweep(stats: Stats, *, options: Optional[SweepOptions] = None, top_k: int = 
             bootstrap resamples for the Δ intervals; 0 disables them), ``seed`` (the folds and resamples).
         top_k: k of the top-k precision/recall columns.
         model: the model's name, for the message when its logits are NaN/inf.
+        protocol: metric conventions by name (:data:`patchcsra.protocols.PROTOCOLS`: ``patchcsra`` (default),
+            ``csra``, ``mlgcn``, ``asl``, ``mmpretrain``, ``voc07``, ``voc2010``, ``coco``).
+        scores: ``auto`` (default: probabilities when every baseline score is in [0, 1], with a warning),
+            ``logit`` or ``prob``: whether thresholds apply to ``sigmoid(score)`` or to the score itself.
+        exact_linear: whether the model's logit is exactly ``mean_k s_k`` (``HeadInfo.exact_linear``); it
+            decides how the test-time-pooling comparator is labelled (:func:`comparator_scores`).
     """
     opts = split_options(option_kwargs, sweep=options, allowed=(SweepOptions,))[2]
     check_finite(stats, model)
@@ -173,7 +196,8 @@ def sweep(stats: Stats, *, options: Optional[SweepOptions] = None, top_k: int = 
     folds, bootstrap, seed = opts.folds, opts.bootstrap, opts.seed
     lam_set = sorted(set(opts.lams) | {0.0, fixed_lam})
     temps = sorted(set(opts.temperatures) | {math.inf}, key=lambda t: (math.isinf(t), t))
-    frame = _evaluate(stats, _grid(lam_set, temps), top_k, rows)
+    proto, kind, scores_info = _resolve_protocol(stats, protocol, scores, rows)
+    frame = _evaluate(stats, _grid(lam_set, temps), top_k, rows, proto, kind)
     if metric not in frame.columns:
         raise PatchCSRAError(f"metric={metric!r} is not computed here; choose one of "
                              f"{', '.join(c for c in frame.columns if c not in ('lam', 'temperature'))}")
@@ -184,14 +208,140 @@ def sweep(stats: Stats, *, options: Optional[SweepOptions] = None, top_k: int = 
     oracle = (grid[i_best][0], grid[i_best][1], float(frame[metric].iloc[i_best]))
     fixed_row = frame[(frame["lam"] == fixed_lam) & np.isinf(frame["temperature"])].iloc[0]
     fixed = (fixed_lam, math.inf, float(fixed_row[metric]))
-    choices = _choices(stats, rows, grid, baseline[metric], oracle, fixed, _primary(stats, metric, top_k),
+    choices = _choices(stats, rows, grid, baseline[metric], oracle, fixed, _primary(stats, metric, top_k, proto, kind),
                        folds, bootstrap, seed)
-    per_class = _per_class(stats, rows, oracle[0], oracle[1], fixed_lam)
+    per_class = _per_class(stats, rows, oracle[0], oracle[1], fixed_lam, proto)
     settings = {"lams": lam_set, "temperatures": [temperature_json(t) for t in temps], "fixed_lam": fixed_lam,
                 "metric": metric, "folds": int(folds), "bootstrap": int(bootstrap), "seed": int(seed),
-                "top_k": int(top_k), "threshold": 0.5}
+                "top_k": int(top_k), "threshold": proto.threshold, **scores_info}
+    comps = _comparators(stats, rows, baseline[metric], fixed_lam, _primary(stats, metric, top_k, proto, kind),
+                         bootstrap, seed,
+                         exact_linear)
+    band = _band(stats, rows, grid, oracle[1], _primary(stats, metric, top_k, proto, kind), bootstrap, seed)
     return SweepResult(frame=frame, metric=metric, baseline=baseline, choices=choices, stats=stats,
-                       per_class=per_class, settings=settings)
+                       per_class=per_class, settings=settings, comparators=comps, band=band)
+
+
+#: most grid points that get a bootstrap band on the curve (else: the oracle's T only)
+BAND_MAX_POINTS = 64
+#: most resamples of the band (fewer than the Δ intervals: it is drawn, not reported)
+BAND_RESAMPLES = 200
+#: resampled (image, class) entries the band may cost in all (points x resamples x N x C), and the fewest
+#: resamples worth drawing; VOC07 test gets 200 resamples on up to 64 points, COCO val ~60 on one T
+BAND_BUDGET = 2 ** 32
+BAND_MIN_RESAMPLES = 50
+
+
+def _band(stats: Stats, rows: np.ndarray, grid: list[tuple[float, float]], best_t: float, primary, bootstrap: int,
+          seed: int) -> dict[str, Any]:
+    """Percentile 95% band of the selection metric at each λ of every T (or of the oracle's T alone when the grid
+    has more than :data:`BAND_MAX_POINTS` points or would cost more than :data:`BAND_BUDGET`), from
+    ``min(bootstrap, BAND_RESAMPLES)`` paired resamples, fewer where the budget asks (none below
+    :data:`BAND_MIN_RESAMPLES`: ``{}``)."""
+    reps = min(int(bootstrap or 0), BAND_RESAMPLES)
+    if reps <= 0:
+        return {}
+    ts = sorted({t for _, t in grid}, key=lambda t: (math.isinf(t), t))
+    size = int(rows.sum()) * max(1, stats.base.shape[1])
+    if len(grid) > BAND_MAX_POINTS or len(grid) * reps * size > BAND_BUDGET:
+        ts = [best_t]
+    points = sum(1 for _, t in grid if t in ts)
+    reps = min(reps, BAND_BUDGET // max(1, points * size))  # fewer resamples on a large set (COCO: ~60)
+    if reps < BAND_MIN_RESAMPLES:
+        return {}
+    w = M.bootstrap_weights(int(rows.sum()), reps, seed)
+    curves = []
+    for t in ts:
+        lams = sorted({lam for lam, tt in grid if tt == t})
+        lo, hi = [], []
+        for lam in lams:
+            v = np.asarray(primary(stats.scores(lam, t), rows, w), dtype=np.float64)
+            a, b = np.nanpercentile(v, [2.5, 97.5])
+            lo.append(float(a))
+            hi.append(float(b))
+        curves.append({"temperature": temperature_json(t), "lams": lams, "low": lo, "high": hi})
+    return {"resamples": reps, "curves": curves}
+
+
+def comparator_scores(stats: Stats, fixed_lam: float) -> dict[str, torch.Tensor]:
+    """``(N, C)`` scores of the comparators that the one-pass stats hold, by name.
+
+    * ``ttp`` -- timm's test-time pooling of the class maps, ``0.5 * (avg_k s_k + max_k s_k)``
+      (``timm.layers.TestTimePoolHead`` with a 1x1 pool window, i.e. ``adaptive_avgmax_pool2d`` of the class
+      maps). ``avg_k s_k`` is taken as the model's own logit ``base``: equal to it exactly for a linear head
+      after global average pooling (``HeadInfo.exact_linear``), otherwise this row is ``0.5 * (base + max)``.
+    * ``multihead`` -- the paper's multi-head CSRA (Sec. 3.4, Eq. 13) with ``H = 8`` heads at
+      :data:`MULTI_HEAD_TEMPERATURES`, one shared λ (``fixed_lam``): ``sum_h (base + λ * att(T_h))``; only
+      when every one of those temperatures was collected.
+    * ``avgmax`` -- feature-level avg+max pooling before the head (timm's ``SelectAdaptivePool2d(pool_type=
+      'avgmax')``, then the classifier): ``head(0.5 * (mean_k x_k + max_k x_k))``, collected in the same pass
+      (:attr:`Stats.avgmax`); only when it was collected and is finite on every readable image (it is NaN for
+      splits whose locations are not one feature map).
+    """
+    out = {"ttp": 0.5 * (stats.base + stats.max)}
+    have = set(stats.temperatures) | {math.inf}
+    if all(t in have for t in MULTI_HEAD_TEMPERATURES):
+        att = sum(stats.att_for(t) for t in MULTI_HEAD_TEMPERATURES)
+        out["multihead"] = len(MULTI_HEAD_TEMPERATURES) * stats.base + float(fixed_lam) * att
+    am = getattr(stats, "avgmax", None)
+    if am is not None and bool(torch.isfinite(am[torch.as_tensor(stats.ok)]).all()):
+        out["avgmax"] = am
+    return out
+
+
+def _comparators(stats: Stats, rows: np.ndarray, b0: float, fixed_lam: float, primary, bootstrap: int, seed: int,
+                 exact_linear: Optional[bool]) -> dict[str, Choice]:
+    """:func:`comparator_scores` as :class:`Choice` rows, each Δ with the same paired bootstrap as the λ choices
+    (same resamples: same ``seed``)."""
+    w = M.bootstrap_weights(int(rows.sum()), int(bootstrap), seed) if bootstrap and bootstrap > 0 else None
+    base_boot = np.asarray(primary(stats.base, rows, w)) if w is not None else None
+    exact = {True: "exact: the head is linear, so avg_k s_k is the model's own logit",
+             False: "approximate: the head is not linear, the model's logit stands in for avg_k s_k",
+             None: "exact only for a linear head (HeadInfo.exact_linear; not given here)"}[
+        None if exact_linear is None else bool(exact_linear)]
+    notes = {"ttp": f"timm test-time pooling 0.5*(avg_k s_k + max_k s_k) of the class maps = 0.5*(base + max); {exact}",
+             "multihead": "paper's multi-head CSRA, H=8, T in (1..7, inf), shared fixed λ: sum_h (base + λ·att(T_h))",
+             "avgmax": "feature avg+max pooling, then the model's head: head(0.5*(mean_k x_k + max_k x_k)) "
+                       "(timm SelectAdaptivePool2d(pool_type='avgmax') before the classifier)"}
+    out = {}
+    for name, s in comparator_scores(stats, fixed_lam).items():
+        score = float(primary(s, rows, None))
+        ci = (math.nan, math.nan)
+        if w is not None:
+            lo, hi = np.nanpercentile(np.asarray(primary(s, rows, w)) - base_boot, [2.5, 97.5])
+            ci = (float(lo), float(hi))
+        lam = float(fixed_lam) if name == "multihead" else math.nan
+        out[name] = Choice(name, lam, math.inf, score, score - b0, ci, note=notes[name])
+    return out
+
+
+def _resolve_protocol(stats: Stats, protocol: Any, scores: str, rows: Optional[np.ndarray] = None):
+    """``(Protocol, 'logit' | 'prob', settings)``: the protocol by name, the score kind (``auto`` resolved
+    on the baseline scores, one warning line when they look like probabilities) and what goes to
+    ``summary.json``: ``protocol``, ``conventions``, ``conventions_text``, ``scores``, ``scores_note``,
+    ``threshold_metrics`` (``meaningful: false`` when > 50% of (image, class) pairs pass the threshold)."""
+    from .protocols import SCORE_KINDS, conventions_text, get_protocol
+
+    proto = get_protocol(protocol, "protocol")
+    if scores not in SCORE_KINDS:
+        raise PatchCSRAError(f"scores={scores!r}; choose one of {', '.join(SCORE_KINDS)}")
+    mask = stats.ok if rows is None else rows
+    base = stats.base.numpy()[mask]
+    probs = M.looks_like_probabilities(base) if base.size else False
+    kind = ("prob" if probs else "logit") if scores == "auto" else scores
+    note = ""
+    if probs:
+        note = ("every baseline score is in [0, 1]: probabilities, not logits; "
+                + ("thresholds are applied to them directly" if kind == "prob"
+                   else "thresholds are applied to their sigmoid as asked (scores=logit): threshold metrics are off"))
+        _logger.warning("scores look like probabilities (all in [0, 1]); %s", note.split("; ", 1)[1])
+    th = M.threshold_note(M.positive_rate(base, proto.threshold, kind), proto.threshold, kind) \
+        if base.size and not stats.single_label else {"meaningful": True, "positive_rate": math.nan, "note": ""}
+    if th["note"]:
+        _logger.warning("%s", th["note"])
+    return proto, kind, {"protocol": proto.name, "conventions": proto.conventions(),
+                         "conventions_text": conventions_text(proto, kind), "scores": kind, "scores_requested": scores,
+                         "scores_look_like_probabilities": probs, "scores_note": note, "threshold_metrics": th}
 
 
 def _choices(stats: Stats, rows: np.ndarray, grid: list[tuple[float, float]], b0: float,
@@ -225,7 +375,7 @@ def _choices(stats: Stats, rows: np.ndarray, grid: list[tuple[float, float]], b0
         choices["cv"] = Choice("cv", lam_cv, t_cv, b0 + d_cv, d_cv, ci_cv,
                                note=f"{len(per_fold)}-fold cross-validation: each fold scored with the λ/T "
                                     "chosen on the other folds; Δ is the mean per-fold Δ, score = baseline + Δ; "
-                                    "lam/temperature are the per-fold median / most chosen",
+                                    "lam/temperature are the per-fold median / most chosen. " + M.CV_NOTE,
                                per_fold=per_fold)
     return choices
 
@@ -261,15 +411,17 @@ def _cross_validate(stats: Stats, grid: list[tuple[float, float]], rows: np.ndar
     return lam_med, t_mode, float(np.nanmean(deltas)), tuple(per_fold), ci
 
 
-def _per_class(stats: Stats, rows: np.ndarray, lam: float, t: float, fixed_lam: float) -> pd.DataFrame:
-    """Per-class AP (multi-label) of the baseline, the oracle and the fixed λ; positives per class."""
+def _per_class(stats: Stats, rows: np.ndarray, lam: float, t: float, fixed_lam: float,
+               proto: Any = None) -> pd.DataFrame:
+    """Per-class AP (multi-label, under protocol ``proto``) of the baseline, the oracle and the fixed λ; positives
+    per class."""
     if stats.single_label:
         return pd.DataFrame({"class": list(stats.classes)})
     tg = stats.targets[rows]
     cols = {"class": list(stats.classes), "positives": (tg == 1).sum(0), "ignored": (tg == -1).sum(0)}
     for name, s in (("AP_baseline", stats.base), ("AP_oracle", stats.scores(lam, t)),
                     ("AP_fixed", stats.scores(fixed_lam, math.inf))):
-        cols[name] = M.average_precision(s.numpy()[rows], tg)
+        cols[name] = M.protocol_average_precision(s.numpy()[rows], tg, proto)
     return pd.DataFrame(cols)
 
 

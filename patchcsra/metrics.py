@@ -23,6 +23,12 @@ Functions:
 * :func:`topk_accuracy` -- single-label top-k accuracy, equal to ``top_k_accuracy_score``.
 * :func:`bootstrap_weights` -- ``(R, N)`` multinomial resampling counts from a seed.
 * :data:`METRIC_NAMES` -- the keys of :func:`multilabel_metrics` with its default ``top_k=3``.
+* :func:`protocol_metrics` -- the same keys under a named protocol of :mod:`patchcsra.protocols` (AP kind,
+  tie handling, CF1 kind, threshold, top-k rule, ignored entries, classes without positives), on logits or
+  probabilities; :func:`protocol_average_precision` its per-class AP.
+* Guards: :func:`looks_like_probabilities`, :func:`positive_rate` / :func:`threshold_note` (threshold metrics
+  not meaningful when more than half of all (image, class) pairs pass the threshold), :data:`CV_NOTE`, and
+  :func:`protocol_caption`, the line under every table (read by :func:`patchcsra.report.protocol_caption`).
 
 How AP is computed. Precision at a score ``u`` is ``TP(>= u) / ALL(>= u)`` over the non-ignored
 entries of the class; AP is ``sum over positives of weight * precision(own score) / total positive
@@ -35,6 +41,7 @@ done in chunks of R to bound memory, followed by cumulative sums per class.
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -46,7 +53,9 @@ from .errors import PatchCSRAError
 
 __all__ = [
     "average_precision", "mean_average_precision", "multilabel_prf", "multilabel_metrics", "topk_accuracy",
-    "bootstrap_weights", "METRIC_NAMES",
+    "bootstrap_weights", "METRIC_NAMES", "protocol_metrics", "protocol_predictions", "looks_like_probabilities",
+    "positive_rate", "threshold_note", "table_footer", "protocol_caption", "protocol_average_precision",
+    "CV_NOTE",
 ]
 
 ArrayLike = Any  # numpy array, torch tensor, or nested sequence
@@ -483,3 +492,263 @@ def bootstrap_weights(n: int, reps: int, seed: int = 0) -> np.ndarray:
     for r in range(reps):
         out[r] = np.bincount(rng.integers(0, n, size=n), minlength=n)
     return out
+
+
+# ----------------------------------------------------------------------------- named protocols
+def _check_score_kind(score_kind: str) -> str:
+    if score_kind not in ("logit", "prob"):
+        raise PatchCSRAError(f"scores={score_kind!r}; choose logit or prob (auto is resolved by the caller)")
+    return score_kind
+
+
+def _cut(threshold: float, score_kind: str) -> np.float64:
+    """The score at which a prediction becomes positive: ``logit(threshold)`` or ``threshold`` itself."""
+    logit = _check_threshold(threshold)
+    return np.float64(threshold) if score_kind == "prob" else logit
+
+
+def _rank_order(x: np.ndarray, ties: str) -> np.ndarray:
+    """Indices of the ``(n,)`` scores ``x`` from high to low; equal scores in image order (``'first'``,
+    also used for ``'aware'``: groups are merged afterwards) or reverse image order (``'last'``)."""
+    if ties == "last":
+        return np.argsort(x, kind="stable")[::-1]
+    return np.argsort(-x, kind="stable")
+
+
+def _ap_one(x: np.ndarray, y: np.ndarray, kind: str, ties: str) -> float:
+    """AP in [0, 1] of one class: ``x`` ``(n,)`` scores, ``y`` ``(n,)`` bool positives (NaN without one)."""
+    npos = int(np.count_nonzero(y))
+    if npos == 0:
+        return math.nan
+    order = _rank_order(x, ties)
+    ys = y[order]
+    tp = np.cumsum(ys)
+    prec = tp / np.arange(1, len(ys) + 1)
+    if ties == "aware":   # curve points only at the end of each group of equal scores
+        xs = x[order]
+        ends = np.flatnonzero(np.append(xs[1:] != xs[:-1], True))
+        gain = np.diff(np.concatenate(([0], tp[ends])))
+        tp, prec = tp[ends], prec[ends]
+    else:
+        gain = ys.astype(np.int64)
+    rec = tp / npos
+    if kind == "noninterp":
+        return float(np.dot(gain, prec) / npos)
+    if kind == "voc07":
+        return float(np.mean([prec[rec >= t].max() if (rec >= t).any() else 0.0
+                              for t in np.arange(11) / 10]))   # k/10 correctly rounded (not 3 * 0.1)
+    mrec = np.concatenate(([0.0], rec, [1.0]))
+    mpre = np.concatenate(([0.0], prec, [0.0]))
+    mpre = np.maximum.accumulate(mpre[::-1])[::-1]
+    i = np.flatnonzero(mrec[1:] != mrec[:-1]) + 1
+    return float(np.sum((mrec[i] - mrec[i - 1]) * mpre[i]))
+
+
+def _ap_protocol_rows(s: np.ndarray, t: np.ndarray, p: Any) -> np.ndarray:
+    """``(C,)`` AP in [0, 1] under protocol ``p`` without weights (NaN for a class without positives)."""
+    if p.ap == "noninterp" and p.ties == "aware" and p.ap_ignored == "remove":
+        return _ap_unweighted(s, t)
+    out = np.full(s.shape[1], np.nan)
+    for k in range(s.shape[1]):
+        keep = t[:, k] >= 0 if p.ap_ignored == "remove" else np.ones(len(t), bool)
+        out[k] = _ap_one(s[keep, k].astype(np.float64), t[keep, k] == 1, p.ap, p.ties)
+    return out
+
+
+def _ap_sorted_weighted(s: np.ndarray, t: np.ndarray, w: np.ndarray, p: Any) -> np.ndarray:
+    """``(R, C)`` AP in [0, 1] for sort-ranked ties (``'first'``/``'last'``) and ``(R, N)`` integer counts, without
+    repeating rows: the ``w_i`` copies of an image are adjacent in the ranking, so with ``a``/``b`` the positive /
+    all weight ranked before it, a positive contributes ``sum_j (a+j)/(b+j) = w - (b-a) (psi(b+w+1) - psi(b+1))``
+    (non-interpolated); the VOC curves need only the end of each positive's copies (the copies' precision rises
+    with ``j``, a negative's copies never raise the envelope)."""
+    from scipy.special import digamma
+
+    r, c = w.shape[0], s.shape[1]
+    out = np.full((r, c), np.nan)
+    for k in range(c):
+        keep = t[:, k] >= 0 if p.ap_ignored == "remove" else np.ones(len(t), bool)
+        x, y = s[keep, k].astype(np.float64), t[keep, k] == 1
+        if not y.any():
+            continue
+        order = _rank_order(x, p.ties)
+        ys = y[order]
+        idx = np.flatnonzero(keep)[order]
+        for rows in _chunks(r, len(idx) * 8 * 6, r):
+            wk = w[rows][:, idx].astype(np.float64)                      # (r, n) in rank order
+            pos_w = wk * ys
+            all_end, tp_end = np.cumsum(wk, axis=1), np.cumsum(pos_w, axis=1)
+            npos = tp_end[:, -1]
+            if p.ap == "noninterp":
+                b, a = all_end - wk, tp_end - pos_w
+                part = np.where(pos_w > 0, wk - (b - a) * (digamma(b + wk + 1) - digamma(b + 1)), 0.0)
+                num = part.sum(axis=1)
+            else:
+                rec = _safe_div(tp_end, npos[:, None], 0.0)
+                prec = np.where(pos_w > 0, _safe_div(tp_end, all_end, 0.0), 0.0)   # positive ends only
+                if p.ap == "voc07":
+                    num = npos * np.mean([np.where(rec >= th, prec, 0.0).max(axis=1) for th in np.arange(11) / 10],
+                                         axis=0)
+                else:
+                    env = np.maximum.accumulate(prec[:, ::-1], axis=1)[:, ::-1]
+                    num = (pos_w * env).sum(axis=1)
+            out[rows, k] = _safe_div(num, npos, np.nan)
+    return out
+
+
+def _protocol_ap(s: np.ndarray, t: np.ndarray, w: Optional[np.ndarray], p: Any) -> np.ndarray:
+    """``(R, C)`` AP in percent; weights are integer counts (an image of weight k is k adjacent copies)."""
+    if getattr(p, "rank", "score") == "sigmoid32":  # what the official code ranks: float32 sigmoids, ties included
+        s = (1.0 / (1.0 + np.exp(-np.asarray(s, dtype=np.float32)))).astype(np.float32).astype(np.float64)
+    if w is None:
+        return 100.0 * _ap_protocol_rows(s, t, p)[None]
+    if p.ap == "noninterp" and p.ties == "aware" and p.ap_ignored == "remove":
+        return 100.0 * _ap_weighted(s, t, w)
+    if w.dtype.kind == "f" and not np.array_equal(w, np.round(w)):
+        raise PatchCSRAError(f"protocol {p.name!r} needs integer sample_weight (bootstrap counts)")
+    if p.ties != "aware":
+        return 100.0 * _ap_sorted_weighted(s, t, w, p)
+    reps = w.astype(np.int64)
+    return np.stack([100.0 * _ap_protocol_rows(np.repeat(s, r, axis=0), np.repeat(t, r, axis=0), p)
+                     for r in reps])
+
+
+def _empty_mean(per_class: np.ndarray, has_pos: np.ndarray, policy: str) -> np.ndarray:
+    """Mean over classes of ``(R, C)`` values under the empty-class policy (``has_pos`` ``(R, C)`` bool)."""
+    if policy == "skip":
+        return _safe_div(np.where(has_pos, per_class, 0.0).sum(axis=-1), has_pos.sum(axis=-1), np.nan)
+    if policy == "nan":
+        return np.where(has_pos.all(axis=-1), np.nan_to_num(per_class).mean(axis=-1), np.nan)
+    return np.nan_to_num(per_class).mean(axis=-1)
+
+
+def _protocol_prf(pred: np.ndarray, t: np.ndarray, w: Optional[np.ndarray], p: Any) -> dict[str, np.ndarray]:
+    """CP, CR, CF1, OP, OR, OF1 ``(R,)`` in percent from ``(N, C)`` bool predictions under protocol ``p``."""
+    if p.ignored == "negative":
+        t = np.where(t < 0, 0, t).astype(np.int8)
+    tp, npred, npos = _counts(pred, t, w)
+    has_pos = npos > 0
+    prec, rec = _safe_div(tp, npred, 0.0), _safe_div(tp, npos, 0.0)
+    cp = 100.0 * _empty_mean(prec, has_pos, p.empty_classes)
+    cr = 100.0 * _empty_mean(rec, has_pos, p.empty_classes)
+    cf1 = _f1(cp, cr) if p.cf1 == "harmonic" else 100.0 * _empty_mean(_f1(prec, rec), has_pos, p.empty_classes)
+    if p.cf1 == "harmonic":
+        cf1 = np.where(np.isnan(cp) | np.isnan(cr), np.nan, cf1)
+    op = 100.0 * _safe_div(tp.sum(axis=1), npred.sum(axis=1), 0.0)
+    orr = 100.0 * _safe_div(tp.sum(axis=1), npos.sum(axis=1), 0.0)
+    return dict(zip(_PRF_KEYS, (cp, cr, cf1, op, orr, _f1(op, orr))))
+
+
+def _protocol_topk(s: np.ndarray, k: int, ties: str) -> np.ndarray:
+    """``(N, C)`` bool top-k mask; ``ties='lower_index'`` lets the lower class index win the cut."""
+    return _topk_mask(s[:, ::-1], k)[:, ::-1] if ties == "lower_index" else _topk_mask(s, k)
+
+
+def protocol_predictions(scores: np.ndarray, p: Any, *, top_k: Optional[int] = None,
+                         score_kind: str = "logit") -> np.ndarray:
+    """``(N, C)`` bool predictions of ``(N, C)`` scores under protocol ``p`` (top-k rule when ``top_k``)."""
+    s = np.asarray(scores)
+    above = s >= _cut(p.threshold, score_kind)
+    if top_k is None:
+        return above
+    mask = _protocol_topk(s, top_k, p.top_k_ties)
+    return mask if p.top_k_rule == "exact" else (mask & above)
+
+
+def protocol_metrics(scores: ArrayLike, targets: ArrayLike, protocol: Any = None, *, top_k: Optional[int] = 3,
+                     score_kind: str = "logit", sample_weight: Optional[ArrayLike] = None,
+                     only: Optional[str] = None) -> dict[str, Metric]:
+    """:func:`multilabel_metrics` under a named protocol (:mod:`patchcsra.protocols`).
+
+    ``scores``, ``targets``: ``(N, C)``; ``protocol``: a name or :class:`~patchcsra.protocols.Protocol`
+    (default ``patchcsra``); ``score_kind``: ``'logit'`` (threshold on the sigmoid) or ``'prob'`` (threshold
+    on the scores themselves); ``sample_weight``: ``None``, ``(N,)`` or ``(R, N)``; ``only='mAP'`` computes
+    the mAP alone. Same keys as :func:`multilabel_metrics`. mAP follows ``protocol.empty_classes``
+    (``skip``: NaN-mean, ``zero``: a class without positives counts 0, ``nan``: NaN if there is one).
+    """
+    from .protocols import get_protocol
+
+    p = get_protocol(protocol)
+    s = _check_scores(scores)
+    t = _check_targets(targets, s.shape)
+    w, batched = _check_weights(sample_weight, s.shape[0])
+    _check_score_kind(score_kind)
+    k = None if top_k is None else _check_k(top_k, "top_k")
+    ap = _protocol_ap(s, t, w, p)
+    out: dict[str, Metric] = {"mAP": _out(_empty_mean(ap, ~np.isnan(ap), p.empty_classes), batched)}
+    if only == "mAP":
+        return out
+    out.update({key: _out(v, batched) for key, v in _protocol_prf(protocol_predictions(s, p, score_kind=score_kind),
+                                                                  t, w, p).items()})
+    if k is not None:
+        pred = protocol_predictions(s, p, top_k=k, score_kind=score_kind)
+        out.update({f"{key}_top{k}": _out(v, batched) for key, v in _protocol_prf(pred, t, w, p).items()})
+    return out
+
+
+def looks_like_probabilities(scores: ArrayLike) -> bool:
+    """True when every ``(N, C)`` score is in [0, 1] and not all are equal (probabilities, not logits)."""
+    s = _to_numpy(scores)
+    return bool(s.size and s.min() >= 0.0 and s.max() <= 1.0 and s.min() < s.max())
+
+
+def positive_rate(scores: ArrayLike, threshold: float, score_kind: str = "logit") -> float:
+    """Fraction of ``(N, C)`` (image, class) pairs predicted positive at ``threshold``."""
+    s = _to_numpy(scores)
+    return float(np.count_nonzero(s >= _cut(threshold, score_kind)) / max(1, s.size))
+
+
+CV_NOTE = ("λ by CV is baseline + the mean per-fold Δ, each fold scored with the λ/T chosen on the other folds: an "
+           "estimate of the out-of-sample score, not a grid point; mAP is not a mean over images, so this per-fold "
+           "estimate can land above the oracle's whole-set best by fold noise, which does not make it a better λ")
+MEANINGFUL_MAX_RATE = 0.5  # above this share of (image, class) pairs predicted positive, threshold metrics are off
+
+
+def threshold_note(rate: float, threshold: float, score_kind: str = "logit") -> dict[str, Any]:
+    """``{'meaningful', 'positive_rate', 'note'}`` for threshold metrics whose baseline predicts ``rate`` of all
+    (image, class) pairs positive: not meaningful above :data:`MEANINGFUL_MAX_RATE` (a softmax/single-label
+    head scored on multi-label data, or probabilities passed as logits)."""
+    ok = rate <= MEANINGFUL_MAX_RATE
+    on = "probability" if score_kind == "prob" else "sigmoid"
+    why = ("a softmax/single-label-trained head, or probabilities given as logits: try --scores prob"
+           if score_kind == "logit" else "a softmax/single-label-trained head")
+    note = "" if ok else (f"threshold metrics not meaningful: {100 * rate:.0f}% of (image, class) pairs have {on} >= "
+                          f"{threshold:g} at λ=0 ({why}); compare mAP only")
+    return {"meaningful": ok, "positive_rate": rate, "note": note}
+
+
+def table_footer(summary: dict) -> list[str]:
+    """Footer lines for a run's table (protocol conventions, score kind, threshold and CV notes); [] for
+    summaries written before protocols existed."""
+    st = summary.get("settings") or {}
+    lines = []
+    if st.get("conventions_text"):
+        lines.append(st["conventions_text"])
+    if st.get("scores_note"):
+        lines.append(st["scores_note"])
+    th = st.get("threshold_metrics") or {}
+    if th.get("note"):
+        lines.append(th["note"])
+    if "cv" in (summary.get("choices") or {}):
+        lines.append(CV_NOTE)
+    cap = [line[:1].upper() + line[1:] if line[:1].isascii() else line for line in lines]   # not λ -> Λ
+    return [line if line.endswith(".") else line + "." for line in cap]
+
+
+def protocol_caption(summaries: Sequence[dict]) -> str:
+    """The caption line of a table of ``summaries`` (read by :func:`patchcsra.report.protocol_caption`): every
+    distinct :func:`table_footer` line of the runs, in order, joined by spaces ("" for older summaries)."""
+    seen: list[str] = []
+    for s in summaries:
+        for line in table_footer(s):
+            if line not in seen:
+                seen.append(line)
+    return " ".join(seen)
+
+
+def protocol_average_precision(scores: ArrayLike, targets: ArrayLike, protocol: Any = None) -> np.ndarray:
+    """``(C,)`` per-class AP in percent of ``(N, C)`` scores under a protocol (NaN for a class without positives,
+    whatever the protocol's mAP does with it)."""
+    from .protocols import get_protocol
+
+    s = _check_scores(scores)
+    return 100.0 * _ap_protocol_rows(s, _check_targets(targets, s.shape), get_protocol(protocol))

@@ -124,7 +124,7 @@ def environment(*, command: Optional[list[str]] = None) -> dict[str, Any]:
 
     Keys: ``patchcsra``, ``torch`` (``torch.__version__``), ``torchvision``, ``timm``, ``python``, ``machine``,
     ``threads`` (torch intra-op), ``packages`` (:func:`package_versions`), ``kernels`` (:func:`kernel_set`),
-    ``command`` (the exact command line).
+    ``command`` (the exact command line, ``sys.argv`` shell-quoted: ``shlex.split`` gives the list back).
     """
     import torch
 

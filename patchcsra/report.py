@@ -4,7 +4,10 @@
 * :func:`table_frame` -- summaries -> the Table-1 frame (one row per dataset x model), machine columns.
 * :func:`display_frame` -- the same rows with the paper's column groups, formatted for reading.
 * :func:`to_markdown`, :func:`to_latex` -- renderers of a display frame; :func:`rich_table` of a table frame.
-* :func:`plot_curve` -- metric vs λ, one line per T, baseline and chosen λs marked (paper Fig. 5).
+* :func:`plot_curve` -- metric vs λ, one line per T with its bootstrap band, baseline and chosen λs marked
+  (paper Fig. 5); :func:`plot_curves` -- the curves of several runs in one figure (``report``).
+* :func:`table_caption` -- the caption of ``table.tex``; :func:`protocol_caption` is its hook for one line
+  naming the metric protocol.
 * :func:`write_run` / :func:`read_run` -- a run directory (``results.csv``, ``per_class.csv``,
   ``summary.json``, ``table.md``, ``table.tex``, ``curve.png``), written atomically.
 * :func:`merge_runs` -- several run directories -> one Table 1.
@@ -16,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import pandas as pd
 
@@ -26,16 +29,26 @@ from .errors import PatchCSRAError
 from .grid import SweepResult
 
 __all__ = ["summary_record", "table_frame", "display_frame", "to_markdown", "to_latex", "rich_table",
-           "plot_curve", "write_run", "write_table", "read_run", "merge_runs", "RUN_FILES", "TABLE_COLUMNS",
+           "plot_curve", "plot_curves", "table_caption", "protocol_caption", "write_run", "write_table", "read_run", "merge_runs", "RUN_FILES", "TABLE_COLUMNS",
            "RESULTS_FILE_COLUMNS", "results_file_row", "check_results_file", "append_results_file"]
 
 RUN_FILES = ("results.csv", "per_class.csv", "summary.json", "table.md", "table.tex", "curve.png")
-TABLE_FILES = ("table.csv", "table.md", "table.tex")
+#: figure formats ``--formats`` may add beside ``curve.png`` (and ``curves.*`` of a merged report)
+FIGURE_FORMATS = ("png", "pdf", "svg")
+OPTIONAL_RUN_FILES = tuple(f"curve.{f}" for f in FIGURE_FORMATS if f != "png")
+TABLE_FILES = ("table.csv", "table.md", "table.tex") + tuple(f"curves.{f}" for f in FIGURE_FORMATS)
 TABLE_COLUMNS = ("dataset", "resolution", "model", "metric", "n_images", "baseline",
                  "oracle_lam", "oracle_T", "oracle_score", "oracle_delta", "oracle_ci_low", "oracle_ci_high",
                  "fixed_lam", "fixed_score", "fixed_delta", "fixed_ci_low", "fixed_ci_high",
-                 "cv_lam", "cv_T", "cv_score", "cv_delta", "cv_ci_low", "cv_ci_high")
+                 "cv_lam", "cv_T", "cv_score", "cv_delta", "cv_ci_low", "cv_ci_high",
+                 "ttp_score", "ttp_delta", "ttp_ci_low", "ttp_ci_high",
+                 "multihead_lam", "multihead_score", "multihead_delta", "multihead_ci_low", "multihead_ci_high",
+                 "avgmax_score", "avgmax_delta", "avgmax_ci_low", "avgmax_ci_high")
 _GROUPS = (("oracle", "Varying λ (oracle)"), ("fixed", "Fixed λ"), ("cv", "λ by CV"))
+#: comparator rows from the same one-pass stats (:func:`patchcsra.grid.comparator_scores`), as table groups
+_COMPARATORS = (("ttp", "Test-time pool (avg+max)/2"), ("multihead", "Multi-head CSRA (H=8)"),
+                ("avgmax", "Feature avg+max pool"))
+_HAS_LAM = ("multihead",)
 
 
 def summary_record(result: SweepResult, **records: Any) -> dict[str, Any]:
@@ -49,11 +62,21 @@ def summary_record(result: SweepResult, **records: Any) -> dict[str, Any]:
         "metric": result.metric,
         "baseline": result.baseline,
         "choices": {k: c.as_dict() for k, c in result.choices.items()},
+        "comparators": {k: _comparator_dict(c) for k, c in getattr(result, "comparators", {}).items()},
+        "curve_band": getattr(result, "band", {}) or {},
         "settings": result.settings,
         "images": {"total": len(stats), "scored": int(stats.ok.sum()), "bad": len(bad), "bad_ids": bad[:100]},
         "classes": {"names": list(stats.classes), "without_positives": no_pos},
         **records,
     }
+
+
+def _comparator_dict(c) -> dict[str, Any]:
+    d = c.as_dict()
+    d.pop("per_fold", None)
+    if isinstance(d.get("lam"), float) and math.isnan(d["lam"]):
+        d["lam"] = None  # the row has no λ (test-time pooling)
+    return d
 
 
 def _resolution(summary: dict) -> str:
@@ -77,6 +100,14 @@ def table_frame(summaries: Sequence[dict]) -> pd.DataFrame:
                 row[f"{key}_T"] = c["temperature"] if c else ""
             row[f"{key}_score"] = c["score"] if c else math.nan
             row[f"{key}_delta"] = c["delta"] if c else math.nan
+            row[f"{key}_ci_low"] = c["ci"][0] if c else math.nan
+            row[f"{key}_ci_high"] = c["ci"][1] if c else math.nan
+        for key, _ in _COMPARATORS:
+            c = (s.get("comparators") or {}).get(key)
+            if key in _HAS_LAM:
+                row[f"{key}_lam"] = c["lam"] if c and c.get("lam") is not None else math.nan
+            for f in ("score", "delta"):
+                row[f"{key}_{f}"] = c[f] if c else math.nan
             row[f"{key}_ci_low"] = c["ci"][0] if c else math.nan
             row[f"{key}_ci_high"] = c["ci"][1] if c else math.nan
         rows.append(row)
@@ -123,6 +154,14 @@ def display_frame(table: pd.DataFrame) -> pd.DataFrame:
         data[(label, "score")] = [_num(v) for v in table[f"{key}_score"]]
         data[(label, "Δ [95% CI]")] = [_delta(*r) for r in zip(table[f"{key}_delta"], table[f"{key}_ci_low"],
                                                                   table[f"{key}_ci_high"])]
+    for key, label in _COMPARATORS:
+        if f"{key}_score" not in table or table[f"{key}_score"].isna().all():
+            continue  # runs written before the comparators existed, or a T set that lacks them
+        if key in _HAS_LAM:
+            data[(label, "λ")] = [_lam(v) for v in table[f"{key}_lam"]]
+        data[(label, "score")] = [_num(v) for v in table[f"{key}_score"]]
+        data[(label, "Δ [95% CI]")] = [_delta(*r) for r in zip(table[f"{key}_delta"], table[f"{key}_ci_low"],
+                                                                  table[f"{key}_ci_high"])]
     return pd.DataFrame(data, columns=pd.MultiIndex.from_tuples(list(data)))
 
 
@@ -137,8 +176,43 @@ def to_markdown(display: pd.DataFrame) -> str:
     return flat.to_markdown(index=False, disable_numparse=True) + "\n"
 
 
-def to_latex(display: pd.DataFrame, caption: str = "Baseline vs residual-attention patched scores") -> str:
-    """A booktabs LaTeX table with the column groups as multicolumns."""
+DEFAULT_CAPTION = "Baseline vs residual-attention patched scores"
+#: columns of a display frame that hold text (left-aligned in LaTeX); every other column is numeric
+_TEXT_COLUMNS = {"Dataset", "Res.", "Model", "Metric"}
+
+
+def protocol_caption(summaries: Sequence[dict]) -> str:
+    """The hook for one caption line naming the metric protocol of ``summaries`` (``""``: no line).
+
+    :func:`table_caption` appends what this returns to the caption of ``table.tex`` (and under ``table.md``);
+    the metric protocol's name comes from :mod:`patchcsra.metrics` when it provides one.
+    """
+    from . import metrics
+
+    fn = getattr(metrics, "protocol_caption", None)
+    return str(fn(summaries) or "") if callable(fn) else ""
+
+
+def table_caption(summaries: Sequence[dict]) -> str:
+    """The caption of a Table 1: what it shows, the images scored, how Δ's interval was computed, and the
+    :func:`protocol_caption` line."""
+    ns = sorted({int(n) for n in ((s.get("images") or {}).get("scored") for s in summaries) if n is not None})
+    boots = sorted({int((s.get("settings") or {}).get("bootstrap") or 0) for s in summaries})
+    parts = [DEFAULT_CAPTION + "."]
+    if ns:
+        parts.append(f"N = {', '.join(str(n) for n in ns)} images.")
+    if boots and boots != [0]:
+        parts.append(f"Δ: score minus baseline, 95% paired bootstrap interval ({'/'.join(map(str, boots))} "
+                     "resamples); the oracle λ is chosen on the evaluation images themselves (optimistic).")
+    line = protocol_caption(summaries)
+    if line:
+        parts.append(line)
+    return " ".join(parts)
+
+
+def to_latex(display: pd.DataFrame, caption: str = DEFAULT_CAPTION, label: str = "tab:patchcsra-table1") -> str:
+    """A booktabs LaTeX table (``\\toprule/\\midrule/\\bottomrule``) with the column groups as multicolumns:
+    text columns left-aligned, numbers right-aligned, ``T = inf`` written ``$\\infty$``, a caption and a label."""
     import re
 
     def esc(s: str) -> str:
@@ -146,10 +220,14 @@ def to_latex(display: pd.DataFrame, caption: str = "Baseline vs residual-attenti
         s = re.sub(r"([&%$#_{}])", r"\\\1", s)
         return s.replace("λ", r"$\lambda$").replace("Δ", r"$\Delta$").replace("~", r"\textasciitilde{}")
 
-    body = display.map(esc)
+    def cell(s: str) -> str:
+        return r"$\infty$" if s.strip() in ("inf", "∞") else esc(s)
+
+    body = display.map(cell)
     body.columns = pd.MultiIndex.from_tuples([(esc(a), esc(b)) for a, b in display.columns])
+    fmt = "".join("l" if b in _TEXT_COLUMNS else "r" for _, b in display.columns)
     return body.to_latex(index=False, escape=False, multicolumn=True, multicolumn_format="c",
-                         caption=esc(caption), column_format="l" * display.shape[1])
+                         caption=esc(caption), label=label, column_format=fmt, position="t")
 
 
 def rich_table(table: pd.DataFrame, title: str = "Table 1"):
@@ -168,66 +246,211 @@ def rich_table(table: pd.DataFrame, title: str = "Table 1"):
             t.add_row("", "", "", label, _lam(r[f"{key}_lam"]), str(r.get(f"{key}_T", "inf")),
                       _num(r[f"{key}_score"]), _delta(r[f"{key}_delta"], r[f"{key}_ci_low"], r[f"{key}_ci_high"]),
                       end_section=key == "cv")
+        for key, label in _COMPARATORS:
+            if _num(r.get(f"{key}_score", math.nan)) == "":
+                continue
+            lam = _lam(r[f"{key}_lam"]) if key in _HAS_LAM else ""
+            t.add_row("", "", "", label, lam, "", _num(r[f"{key}_score"]),
+                      _delta(r[f"{key}_delta"], r[f"{key}_ci_low"], r[f"{key}_ci_high"]))
     return t
 
 
-def plot_curve(frame: pd.DataFrame, summary: dict, path: Union[str, Path]) -> None:
-    """``metric`` vs λ, one line per temperature; baseline dashed, fixed and oracle λ marked."""
+def _t_label(t: Any) -> str:
+    try:
+        return temperature_text(float(t)).replace("inf", "∞")
+    except (TypeError, ValueError):
+        return str(t)
+
+
+def _draw_run(ax, frame: pd.DataFrame, summary: dict, *, prefix: str = "", marks: bool = True,
+              color_offset: int = 0) -> list[tuple[float, float, str, str]]:
+    """One run's curves on ``ax``: a line per T (labelled with its T at its last marker), its bootstrap band
+    (``summary["curve_band"]``), and with ``marks`` the baseline, fixed, oracle and CV choices. Returns the end
+    labels ``(x, y, text, colour)`` for :func:`_place_labels`."""
+    import matplotlib as mpl
+
+    metric = summary["metric"]
+    colors = mpl.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
+    bands = {str(c["temperature"]): c for c in (summary.get("curve_band") or {}).get("curves", [])}
+    temps = sorted(frame["temperature"].unique(), key=lambda t: (math.isinf(float(t)), float(t)))
+    ends = []
+    for i, t in enumerate(temps):
+        g = frame[frame["temperature"] == t].sort_values("lam")
+        color = colors[(i + color_offset) % len(colors)]
+        label = f"{prefix}T={_t_label(t)}"
+        ax.plot(g["lam"], g[metric], marker="o", ms=3, lw=1.4, color=color, label=label)
+        ends.append((float(g["lam"].iloc[-1]), float(g[metric].iloc[-1]), f"{prefix}T={_t_label(t)}", color))
+        b = bands.get(str("inf" if math.isinf(float(t)) else float(t)))
+        if b:
+            ax.fill_between(b["lams"], b["low"], b["high"], color=color, alpha=0.15, lw=0)
+    if not marks:
+        return ends
+    ax.axhline(summary["baseline"][metric], color="grey", ls="--", lw=1, label="baseline (λ=0)")
+    ch = summary.get("choices") or {}
+    for key, style, color in (("fixed", "s", "black"), ("oracle", "*", "red")):
+        c = ch.get(key)
+        if c:
+            ax.plot([c["lam"]], [c["score"]], style, ms=9, color=color, mfc="none" if key == "fixed" else color,
+                    label=f"{key} λ={c['lam']:g}, T={_t_label(c['temperature'])}")
+    c = ch.get("cv")
+    if c:
+        ax.axvline(c["lam"], color="green", ls=":", lw=1.2,
+                   label=f"CV λ={c['lam']:g}, T={_t_label(c['temperature'])} (held-out {c['score']:.2f})")
+        g = frame[(frame["temperature"].astype(float) == float(c["temperature"] if c["temperature"] != "inf"
+                                                               else math.inf)) & (frame["lam"] == c["lam"])]
+        if len(g):
+            ax.plot([c["lam"]], [float(g[metric].iloc[0])], "D", ms=6, color="green")
+    return ends
+
+
+def _place_labels(ax, ends: Sequence[tuple[float, float, str, str]]) -> None:
+    """Each curve's T written just right of its last point, pushed apart vertically so that none overlap."""
+    if not ends:
+        return
+    lo, hi = ax.get_ylim()
+    gap = 0.045 * (hi - lo)
+    x0, x1 = ax.get_xlim()
+    dx = 0.012 * (x1 - x0)
+    order = sorted(range(len(ends)), key=lambda i: ends[i][1])
+    ys = [ends[i][1] for i in order]
+    for j in range(1, len(ys)):
+        ys[j] = max(ys[j], ys[j - 1] + gap)
+    shift = max(0.0, ys[-1] - (hi - gap / 2)) if ys else 0.0
+    for j, i in enumerate(order):
+        x, y, text, color = ends[i]
+        ax.annotate(text, (x, y), xytext=(x + dx, ys[j] - shift), textcoords="data", fontsize=7, color=color,
+                    va="center", ha="left", annotation_clip=False,
+                    arrowprops=None if abs(ys[j] - shift - y) < gap / 3 else dict(arrowstyle="-", lw=0.5, color=color))
+    ax.margins(x=0.12)
+
+
+def _finish(fig, ax, metric: str, title: str, paths: Sequence[Union[str, Path]],
+            ends: Sequence[tuple[float, float, str, str]] = ()) -> None:
+    ax.margins(x=0.12)
+    _place_labels(ax, ends)
+    ax.set_xlabel("λ")
+    ax.set_ylabel(metric + " (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    for p in paths:
+        fig.savefig(p, metadata=_figure_metadata(str(p)))
+
+
+def _figure_metadata(path: str) -> dict:
+    """No creation date in the file (the same run draws the same bytes where the backend allows)."""
+    if path.endswith(".pdf"):
+        return {"CreationDate": None, "ModDate": None}
+    if path.endswith(".svg"):
+        return {"Date": None}
+    return {}
+
+
+def _title(summary: dict) -> str:
+    name = f"{(summary.get('model') or {}).get('name', '')} on {(summary.get('dataset') or {}).get('name', '')}"
+    n = (summary.get("images") or {}).get("scored")
+    band = summary.get("curve_band") or {}
+    extra = f"N = {n} images" if n is not None else ""
+    if band.get("resamples"):
+        curves = band.get("curves") or []
+        where = f" around T={_t_label(curves[0]['temperature'])}" if len(curves) == 1 else ""
+        extra += f"; band{where}: 95% bootstrap of {summary.get('metric', '')} ({band['resamples']} resamples)"
+    return f"{name.strip()}\n{extra}".strip()
+
+
+def figure_paths(path: Union[str, Path], formats: Sequence[str] = ("png",)) -> list[Path]:
+    """``path`` (``curve.png``) with each of ``formats``' suffix; refuses formats outside :data:`FIGURE_FORMATS`."""
+    path = Path(path)
+    bad = [f for f in formats if f not in FIGURE_FORMATS]
+    if bad:
+        raise PatchCSRAError(f"figure format {bad[0]!r}: choose from {', '.join(FIGURE_FORMATS)}")
+    return [path.with_suffix("." + f) for f in dict.fromkeys(formats)]
+
+
+def plot_curve(frame: pd.DataFrame, summary: dict, path: Union[str, Path], formats: Sequence[str] = ("png",)) -> None:
+    """``metric`` vs λ, one line per temperature, each with its 95% bootstrap band where the sweep computed one,
+    labelled with its T; baseline dashed, fixed / oracle λ marked, the CV λ a dotted line; N in the title.
+    Written as ``path`` with each suffix of ``formats`` (png, pdf, svg)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
 
-    metric = summary["metric"]
-    fig = Figure(figsize=(6.4, 4.2), dpi=120)
+    fig = Figure(figsize=(6.4, 4.4), dpi=120)
     ax = fig.subplots()
-    for t, g in frame.groupby("temperature", sort=True):
-        g = g.sort_values("lam")
-        ax.plot(g["lam"], g[metric], marker="o", ms=3, label=f"T={temperature_text(t).replace('inf', '∞')}")
-    ax.axhline(summary["baseline"][metric], color="grey", ls="--", lw=1, label="baseline (λ=0)")
-    for key, style in (("fixed", "s"), ("oracle", "*")):
-        c = summary["choices"].get(key)
-        if c:
-            ax.plot([c["lam"]], [c["score"]], style, ms=9, color="black" if key == "fixed" else "red",
-                    label=f"{key} λ={c['lam']:g}")
-    ax.set_xlabel("λ")
-    ax.set_ylabel(metric + " (%)")
-    name = f"{(summary.get('model') or {}).get('name', '')} on {(summary.get('dataset') or {}).get('name', '')}"
-    ax.set_title(name.strip(), fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
+    ends = _draw_run(ax, frame, summary)
+    _finish(fig, ax, summary["metric"], _title(summary), figure_paths(path, formats), ends)
 
 
-def write_table(table: pd.DataFrame, out_dir: Union[str, Path], *, force: bool = False) -> Path:
-    """A merged Table 1 as ``table.csv`` (machine columns), ``table.md`` and ``table.tex``."""
+def plot_curves(runs: Sequence[tuple[str, pd.DataFrame, dict]], path: Union[str, Path],
+                formats: Sequence[str] = ("png",)) -> None:
+    """The curves of several runs in one figure: ``runs`` is ``[(name, results frame, summary)]``; each run's
+    baseline is a dashed line in its first curve's colour. Runs with different metrics are drawn on one axis
+    labelled with the first run's metric."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib as mpl
+    from matplotlib.figure import Figure
+
+    colors = mpl.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
+    fig = Figure(figsize=(7.2, 4.8), dpi=120)
+    ax = fig.subplots()
+    offset, ends = 0, []
+    for name, frame, summary in runs:
+        metric = summary["metric"]
+        ends += _draw_run(ax, frame, summary, prefix=f"{name} ", marks=False, color_offset=offset)
+        ax.axhline(summary["baseline"][metric], color=colors[offset % len(colors)], ls="--", lw=0.8)
+        offset += frame["temperature"].nunique()
+    ns = [str((s.get("images") or {}).get("scored")) for _, _, s in runs]
+    title = f"{len(runs)} runs; N = {', '.join(ns)} images; dashed: each run's baseline (λ=0)"
+    _finish(fig, ax, runs[0][2]["metric"] if runs else "", title, figure_paths(path, formats), ends)
+
+
+def write_table(table: pd.DataFrame, out_dir: Union[str, Path], *, force: bool = False,
+                summaries: Optional[Sequence[dict]] = None, formats: Sequence[str] = ("png",)) -> Path:
+    """A merged Table 1 as ``table.csv`` (machine columns), ``table.md`` and ``table.tex``; with ``summaries``
+    (each with ``run_dir``, as :func:`read_run` gives) also ``curves.<format>``: every run's curves in one figure."""
+    figure_paths("curves.png", formats)  # refuse a bad format before anything is written
+
     def fill(tmp: Path) -> None:
         table.to_csv(tmp / "table.csv", index=False, float_format="%.6f")
         disp = display_frame(table)
-        (tmp / "table.md").write_text(to_markdown(disp))
-        (tmp / "table.tex").write_text(to_latex(disp))
+        caption = table_caption(summaries or [])
+        (tmp / "table.md").write_text(to_markdown(disp) + f"\n{caption}\n")
+        (tmp / "table.tex").write_text(to_latex(disp, caption=caption))
+        if summaries:
+            runs = [(str(n), pd.read_csv(Path(s["run_dir"]) / "results.csv"), s)
+                    for n, s in zip(table["model"], summaries)]
+            plot_curves(runs, tmp / "curves.png", formats)
 
     return atomic_dir(out_dir, fill, force=force, known=TABLE_FILES)
 
 
-def write_run(result: SweepResult, out_dir: Union[str, Path], summary: dict, *, force: bool = False) -> Path:
-    """Write every file of a run into ``out_dir`` atomically (a temporary sibling, then renamed).
+def write_run(result: SweepResult, out_dir: Union[str, Path], summary: dict, *, force: bool = False,
+              formats: Sequence[str] = ("png",)) -> Path:
+    """Write every file of a run into ``out_dir`` atomically (a temporary sibling, then renamed); the curve as
+    ``curve.png`` plus each other of ``formats`` (``pdf``, ``svg``).
 
     Raises:
-        PatchCSRAError: ``out_dir`` exists and ``force`` is False.
+        PatchCSRAError: ``out_dir`` exists and ``force`` is False, or a format is unknown.
     """
+    formats = tuple(dict.fromkeys(("png",) + tuple(formats)))
+    figure_paths("curve.png", formats)
+
     def fill(tmp: Path) -> None:
         frame = result.frame.assign(temperature=[repr(float(t)) for t in result.frame["temperature"]])
         frame.to_csv(tmp / "results.csv", index=False, float_format="%.6f")  # T as given: 1e-30 is not 0.000000
         result.per_class.to_csv(tmp / "per_class.csv", index=False, float_format="%.6f")
         (tmp / "summary.json").write_text(json.dumps(summary, indent=1, default=json_default) + "\n")
         disp = display_frame(table_frame([summary]))
-        (tmp / "table.md").write_text(to_markdown(disp))
-        (tmp / "table.tex").write_text(to_latex(disp))
-        plot_curve(result.frame, summary, tmp / "curve.png")
+        caption = table_caption([summary])
+        (tmp / "table.md").write_text(to_markdown(disp) + f"\n{caption}\n")
+        (tmp / "table.tex").write_text(to_latex(disp, caption=caption))
+        plot_curve(result.frame, summary, tmp / "curve.png", formats)
 
-    return atomic_dir(out_dir, fill, force=force, known=RUN_FILES)
+    return atomic_dir(out_dir, fill, force=force, known=RUN_FILES + OPTIONAL_RUN_FILES)
 
 
 def read_run(run_dir: Union[str, Path]) -> dict:
@@ -272,12 +495,35 @@ def _is_num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) or v is None
 
 
-def merge_runs(run_dirs: Sequence[Union[str, Path]]) -> pd.DataFrame:
-    """One Table-1 frame from several runs, sorted by dataset, resolution and model."""
+_DEFAULT_SORT = ("dataset", "resolution", "model")
+
+
+def merge_runs(run_dirs: Sequence[Union[str, Path]], *, sort: Optional[Sequence[str]] = _DEFAULT_SORT,
+               names: Optional[Sequence[str]] = None, with_summaries: bool = False):
+    """One Table-1 frame from several runs.
+
+    Args:
+        sort: columns of :data:`TABLE_COLUMNS` to sort by (stable; default dataset, resolution, model);
+            ``None`` or ``()`` keeps the order given.
+        names: one name per run, shown in the ``model`` column (default: the model's name).
+        with_summaries: return ``(frame, summaries)``, the summaries in the frame's row order.
+    """
     if not run_dirs:
         raise PatchCSRAError("give at least one run directory")
-    t = table_frame([read_run(d) for d in run_dirs])
-    return t.sort_values(["dataset", "resolution", "model"], kind="stable").reset_index(drop=True)
+    summaries = [read_run(d) for d in run_dirs]
+    t = table_frame(summaries)
+    if names is not None:
+        if len(names) != len(run_dirs):
+            raise PatchCSRAError(f"--name given {len(names)} time(s) for {len(run_dirs)} run(s); give one per run")
+        t["model"] = [str(n) for n in names]
+    if sort:
+        bad = [c for c in sort if c not in t.columns]
+        if bad:
+            raise PatchCSRAError(f"--sort {bad[0]!r}: not a column; choose from {', '.join(TABLE_COLUMNS)}")
+        t = t.sort_values(list(sort), kind="stable")
+    order = list(t.index)
+    t = t.reset_index(drop=True)
+    return (t, [summaries[i] for i in order]) if with_summaries else t
 
 
 # ----------------------------------------------------------------------------- timm-style results file

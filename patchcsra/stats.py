@@ -28,13 +28,14 @@ from .runtime import OOM_ERRORS, default_workers, resolve_amp, resolve_device
 from .errors import DatasetError, PatchCSRAError
 from .data.classes import check_class_reduce, class_groups
 from .options import CollectOptions, split_options
+from .heads.base import HeadSplit, to_locations
 from .patcher import PatchedClassifier, check_temperatures, residual_attention, temperature_text
 
 __all__ = ["Stats", "collect", "model_fingerprint", "DEFAULT_TEMPERATURES", "STATS_VERSION"]
 
 _logger = logging.getLogger(__name__)
 
-STATS_VERSION = 1
+STATS_VERSION = 2  # 2: + avgmax (the head on the avg+max pooled features)
 #: collected with every pass (cheap next to the backbone): the paper's multi-head temperature set.
 DEFAULT_TEMPERATURES: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, math.inf)
 #: stats elements (N x C x nT) up to which DEFAULT_TEMPERATURES are collected besides the requested ones.
@@ -57,6 +58,10 @@ class Stats:
         ids: ``N`` image ids; classes: ``C`` class names.
         single_label: one positive per image (top-1/top-5 are reported).
         meta: fingerprint, model, dataset and transform records.
+        avgmax: ``(N, C)`` float32 or None, ``head(0.5 * (mean_k x_k + max_k x_k))``: the model's own
+            single-location head (``forward_single``) on the avg+max pooled feature vector (timm's
+            ``avgmax`` global pooling, then the head); NaN for splits whose locations are not one feature map
+            (multi-branch, attention pooling).
     """
 
     base: Tensor
@@ -69,6 +74,7 @@ class Stats:
     classes: tuple[str, ...]
     single_label: bool
     meta: dict = field(default_factory=dict)
+    avgmax: Optional[Tensor] = None
 
     def __len__(self) -> int:
         return int(self.base.shape[0])
@@ -101,7 +107,8 @@ class Stats:
         idx = np.flatnonzero(rows) if rows.dtype == bool else np.asarray(rows)
         t = torch.as_tensor(idx, dtype=torch.long)
         return Stats(self.base[t], self.max[t], self.att[t], self.temperatures, self.targets[idx], self.ok[idx],
-                     tuple(self.ids[i] for i in idx), self.classes, self.single_label, dict(self.meta))
+                     tuple(self.ids[i] for i in idx), self.classes, self.single_label, dict(self.meta),
+                     None if self.avgmax is None else self.avgmax[t])
 
 
 # ----------------------------------------------------------------------------- fingerprints
@@ -320,7 +327,8 @@ def _stats(p: _Plan, data: dict[str, Tensor], temps: Sequence[float], entry: Opt
         meta["batch_size"], meta["oom_retries"] = int(used[0]), int(used[1])
     return Stats(base=data["base"], max=data["max"], att=data["att"], temperatures=tuple(float(t) for t in temps),
                  targets=np.asarray(ds.targets, dtype=np.int8), ok=data["ok"].numpy().astype(bool),
-                 ids=tuple(ds.ids), classes=tuple(ds.classes), single_label=bool(ds.single_label), meta=meta)
+                 ids=tuple(ds.ids), classes=tuple(ds.classes), single_label=bool(ds.single_label), meta=meta,
+                 avgmax=data.get("avgmax"))
 
 
 def _collect_distributed(p: _Plan, progress: Optional[Progress]) -> Optional[Stats]:
@@ -389,26 +397,39 @@ def _forward_into(p: _Plan, temps: Sequence[float], out: dict[str, Tensor]) -> C
     gather = _class_gather(p, dev)
     finite = [(j, t) for j, t in enumerate(temps) if not math.isinf(t)]
     infinite = [j for j, t in enumerate(temps) if math.isinf(t)]
+    split = patched.split
+    one_map = not getattr(split, "multi_branch", False) and type(split).forward_locations is HeadSplit.forward_locations
 
     def forward(x: Tensor, rs: slice) -> None:
         x = x.to(dev, non_blocking=True)
         if cl and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            _, base, s = patched.forward_pass(x)
+            f, base, s = patched.forward_pass(x)
+            am = _feature_avgmax(split, f) if one_map else None
         base, s = base.float(), s.float()
+        am = torch.full_like(base, math.nan) if am is None else am.float()
         if gather is not None:
+            am = gather(am, s[..., :1])[0]
             base, s = gather(base, s)
         mx = s.amax(dim=-1)
         att = {j: residual_attention(s, t) for j, t in finite}  # (b, C) each
         out["base"][rs] = base
         out["max"][rs] = mx
+        out["avgmax"][rs] = am
         for j in infinite:
             out["att"][rs, :, j] = mx
         for j, a in att.items():
             out["att"][rs, :, j] = a
 
     return forward
+
+
+def _feature_avgmax(split: HeadSplit, f: Tensor) -> Tensor:
+    """``head(0.5 * (mean_k x_k + max_k x_k))`` ``(B, C_model)``: timm's ``avgmax`` pooling of the locations'
+    feature vectors (prefix tokens dropped), then the split's single-location head."""
+    t = to_locations(f, split.layout, split.num_prefix_tokens)  # (B, L, D)
+    return split.forward_single(0.5 * (t.mean(dim=1) + t.amax(dim=1)))
 
 
 def _forward_chunks(forward: Callable[[Tensor, slice], None], x: Tensor, at: int, bs: int,

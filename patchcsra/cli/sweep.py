@@ -33,6 +33,12 @@ def sweep_lambda(
                                             "ResNets, 0.2 otherwise)", rich_help_panel=GRID),
     metric: Optional[str] = typer.Option(None, "--metric", help="selection metric (default: mAP; top1 for "
                                          "single-label data)", rich_help_panel=GRID),
+    protocol: str = typer.Option("patchcsra", "--protocol", metavar="NAME", help="metric conventions: patchcsra "
+                                 "(ours, tie-aware AP) | csra | mlgcn | asl | mmpretrain | voc07 | voc2010 | coco; "
+                                 "written under the table", rich_help_panel=GRID),
+    score_kind: str = typer.Option("auto", "--scores", metavar="KIND", help="auto | logit | prob: thresholds on "
+                                   "sigmoid(score) or on the score itself (auto: prob when all scores are in [0, 1])",
+                                   rich_help_panel=GRID),
     folds: int = typer.Option(5, "--folds", help="k of the cross-validated λ (0: off)", rich_help_panel=GRID),
     bootstrap: int = typer.Option(1000, "--bootstrap", help="paired bootstrap resamples for Δ intervals (0: off)",
                                   rich_help_panel=GRID),
@@ -70,6 +76,8 @@ def sweep_lambda(
                                       "file's size, mtime and sampled bytes)", rich_help_panel=RUN),
     arch: Arch = None, weights: Weights = None, num_classes: NumClasses = None, pretrained: Pretrained = True,
     trust: Trust = False, ema: Ema = False, force: Force = False, as_json: Json = False,
+    formats: str = typer.Option("png", "--formats", help="comma-separated figure formats of the curve: png, pdf, "
+                                "svg (curve.png is always written)", rich_help_panel=OUTPUT),
     results_file: Optional[Path] = typer.Option(None, "--results-file", metavar="FILE", help="also add the run's "
                                                 "row to this timm-style results CSV (model, img_size, crop_pct, "
                                                 "interpolation, metric, baseline, cv/fixed/oracle λ and scores; "
@@ -97,6 +105,13 @@ def sweep_lambda(
         if difficult not in ("ignore", "positive"):
             raise PatchCSRAError(f"--difficult {difficult!r}: choose ignore or positive")
         amp = amp_choice(amp, amp_dtype)
+        from ..report import figure_paths
+
+        fig_formats = tuple(f.strip().lower() for f in formats.split(",") if f.strip()) or ("png",)
+        try:
+            figure_paths("curve.png", fig_formats)
+        except PatchCSRAError as e:
+            raise PatchCSRAError(f"--formats: {e}") from None
         if results_file is not None:
             from ..report import check_results_file
 
@@ -117,10 +132,10 @@ def sweep_lambda(
                             data_format=data_format, difficult=difficult, class_map=class_map, skip_bad=skip_bad,
                             class_reduce=class_reduce, class_names=class_names,
                             grid=grid, transform=tf, options=opts, progress=cb, max_pixels=max_pixels,
-                            limit=limit)
+                            limit=limit, protocol=protocol, scores=score_kind)
         if run is None:  # another torchrun rank wrote nothing; rank 0 writes the run
             return
-        run.write(out_dir, force=force)
+        run.write(out_dir, force=force, formats=fig_formats)
         if results_file is not None:
             from ..report import append_results_file
 

@@ -484,14 +484,23 @@ def _write_history(out: Path, history: list[dict], metric: str) -> None:
     with atomic_path(out / "history.csv", force=True) as tmp:
         frame.to_csv(tmp, index=False)
 
+    from matplotlib.ticker import MaxNLocator
+
     fig = Figure(figsize=(6.4, 3.8), dpi=110)
     ax = fig.subplots()
-    ax.plot(frame["epoch"], frame["train_loss"], color="tab:blue", marker="o", ms=3, label="train loss")
+    loss, = ax.plot(frame["epoch"], frame["train_loss"], color="tab:blue", marker="o", ms=3, label="train loss")
     ax.set_xlabel("epoch")
     ax.set_ylabel("train loss", color="tab:blue")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     ax2 = ax.twinx()
-    ax2.plot(frame["epoch"], frame[f"val_{metric}"], color="tab:red", marker="s", ms=3, label=f"val {metric}")
+    val, = ax2.plot(frame["epoch"], frame[f"val_{metric}"], color="tab:red", marker="s", ms=3,
+                    label=f"val {metric}")
     ax2.set_ylabel(f"val {metric} (%)", color="tab:red")
+    best = int(frame[f"val_{metric}"].idxmax())
+    mark = ax2.scatter([frame["epoch"][best]], [frame[f"val_{metric}"][best]], marker="*", s=90, color="tab:red",
+                       zorder=5, label=f"best: epoch {int(frame['epoch'][best])}")
+    ax.legend(handles=[loss, val, mark], loc="best", fontsize=8)
+    ax.set_title(f"train-head: train loss and validation {metric} per epoch ({len(frame)} epochs)", fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_path(out / "curve.png", force=True) as tmp:

@@ -138,9 +138,9 @@ elif target == "plot_curve":
 
     real_plot = R.plot_curve
 
-    def plot(frame, summary, path):
+    def plot(frame, summary, path, *args, **kwargs):
         snapshot()
-        real_plot(frame, summary, path)
+        real_plot(frame, summary, path, *args, **kwargs)
         die(half=path)
 
     R.plot_curve = plot
