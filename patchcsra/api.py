@@ -288,10 +288,12 @@ def _summary(result: SweepResult, prep: Prepared, source, ds, difficult: str, op
                "class_index": prep.class_index, "class_map_kind": prep.class_map_kind,
                "class_reduce": prep.class_reduce},
         dataset={"name": ds.name, "format": ds.format, "root": str(ds.root), "split": ds.split,
-                 "fingerprint": ds.fingerprint(), "single_label": bool(ds.single_label), "difficult": difficult,
+                 "fingerprint": stats.meta.get("data_fingerprint") or ds.fingerprint(),  # the pass computed it
+                 "single_label": bool(ds.single_label), "difficult": difficult,
                  **({"limit": prep.limit} if prep.limit else {})},
         transform=prep.transform.as_dict(),
-        collect={"batch_size": opts.batch_size, **stats.meta, "seconds": round(seconds, 3),  # meta: after OOM retries
+        collect={"batch_size": opts.batch_size, **{k: v for k, v in stats.meta.items() if k != "data_fingerprint"},
+                 "seconds": round(seconds, 3),  # meta: after OOM retries
                  "images_per_s": round(stats.meta.get("forward_images", 0) / seconds, 2) if seconds > 0 else None},
         patchcsra_version=__version__,
         environment=environment(),

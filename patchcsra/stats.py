@@ -202,6 +202,7 @@ class _Plan:
     fingerprint: dict
     groups: Optional[list[list[int]]] = None  # outputs per dataset class when some class has several
     reduce: str = "max"  # how a class's outputs are reduced (with ``groups``)
+    data_fingerprint: str = ""  # the dataset's fingerprint, computed once for the key
 
     @property
     def n(self) -> int:
@@ -220,11 +221,12 @@ def _plan(patched: PatchedClassifier, dataset, temperatures: Sequence[float], cl
     index, groups = _class_plan(class_index, c_model, len(dataset.classes))
     reduce = check_class_reduce(class_reduce)
     what = {"index": index} if groups is None else {"index": groups, "reduce": reduce}  # one-to-one: the old key
-    key = digest({"v": STATS_VERSION, "model": model_fingerprint(patched.split), "data": dataset.fingerprint(),
-                   **what, "amp": str(amp_dtype), "extra": fingerprint})
+    data_fp = dataset.fingerprint()  # reads each image's sampled bytes: once per pass (kept in Stats.meta)
+    key = digest({"v": STATS_VERSION, "model": model_fingerprint(patched.split), "data": data_fp,
+                  **what, "amp": str(amp_dtype), "extra": fingerprint})
     workers = default_workers() if opts.workers is None else int(opts.workers)
     return _Plan(patched, dataset, groups or index, temps, temps_req, opts, dev, amp_dtype, workers, key, fingerprint,
-                 groups, reduce)
+                 groups, reduce, data_fp)
 
 
 def _class_plan(class_index: Optional[Sequence[Any]], c_model: int,
@@ -320,7 +322,8 @@ def _stats(p: _Plan, data: dict[str, Tensor], temps: Sequence[float], entry: Opt
            world: int = 1, used: Optional[tuple[int, int]] = None) -> Stats:
     """``used``: ``(batch size the pass ended at, out-of-memory retries)`` from :func:`_run`."""
     ds = p.dataset
-    meta = {"key": p.key, "cache": str(entry.path) if entry is not None else None, "device": str(p.dev),
+    meta = {"key": p.key, "data_fingerprint": p.data_fingerprint,
+            "cache": str(entry.path) if entry is not None else None, "device": str(p.dev),
             "amp": str(p.amp_dtype).replace("torch.", "") if p.amp_dtype else "none",
             "forward_images": forward_images, "world_size": world}
     if used is not None:
