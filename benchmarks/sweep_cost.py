@@ -11,8 +11,18 @@ Three ways over the same images, with the same model, DataLoader and device:
 Target: ``sweep / baseline <= 1.15`` (exit 1 otherwise). Default data: the shared CIFAR-10 test
 subset (2,000 real images) with the real ResNet-56 weights; any source/dataset works:
 
-    python benchmarks/sweep_cost.py
-    python benchmarks/sweep_cost.py --source timm:resnet18 --no-pretrained --data ../shared/data/voc2007-trainval-rf
+    python benchmarks/sweep_cost.py --mode pass
+    python benchmarks/sweep_cost.py --mode pass --source timm:resnet18 --no-pretrained --data ../shared/data/voc2007-trainval-rf
+
+The fixed cost of a run, whole processes side by side (``--mode cached,first``, the default), on all 10,000
+CIFAR-10 test images (``../shared/weights/cifar10-test-full-jpeg.tar.gz``, unpacked once under ``--work``):
+
+* **cached** -- ``patchcsra sweep-lambda`` whose statistics are already cached (zero forward passes), 21 λ x 4 T,
+  the default bootstrap (1,000) and 5-fold CV: the wall time of the whole process (minimum of ``--repeats``), then
+  where the time goes (imports, model build + load, fingerprints, dataset scan, grid metrics, bootstrap, CV, plot,
+  writes; :mod:`_sweep_phases`). Target: ``<= 5 s``.
+* **first** -- the same command with an empty cache against one plain evaluation process (``_plain_eval.py``:
+  torchvision ImageFolder, ``model(x)``, top-1; same batch size and workers), interleaved. Target: ``<= 1.10x``.
 """
 from __future__ import annotations
 
@@ -32,6 +42,10 @@ def _floats(text):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--mode", default="cached,first", help="comma-separated: cached, first, pass")
+    p.add_argument("--work", default="/tmp/patchcsra-bench-cifar10k", help="where the 10k CIFAR images are unpacked")
+    p.add_argument("--cached-target", type=float, default=5.0, help="seconds")
+    p.add_argument("--first-target", type=float, default=1.10, help="first sweep / plain evaluation")
     p.add_argument("--source", default=str(SHARED / "weights" / "resnet56-4bfd9763.th"))
     p.add_argument("--arch", default=f"{HERE / 'cifar_resnet.py'}:resnet56")
     p.add_argument("--data", default=str(SHARED / "data" / "cifar10-test-subset"))
@@ -50,6 +64,108 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="rounds; each timing is its minimum over them")
     p.add_argument("--target", type=float, default=1.15)
     a = p.parse_args(argv)
+    modes = [m.strip() for m in a.mode.split(",") if m.strip()]
+    bad = [m for m in modes if m not in ("cached", "first", "pass")]
+    if bad:
+        p.error(f"--mode {bad[0]}: choose cached, first or pass")
+    ok = True
+    if "cached" in modes or "first" in modes:
+        data = _cifar10k(Path(a.work))
+        if "cached" in modes:
+            ok &= _cached(a, data)
+        if "first" in modes:
+            ok &= _first(a, data)
+    if "pass" in modes:
+        ok &= _in_process(a) == 0
+    return 0 if ok else 1
+
+
+CIFAR10K = SHARED / "weights" / "cifar10-test-full-jpeg.tar.gz"
+CIFAR10K_SHA256 = "2f78efc30b2c0bb10b3c9e22a3c9a788ae74677a6e367fe5703461199ffe67e0"
+
+
+def _cifar10k(work: Path) -> Path:
+    """The 10,000 CIFAR-10 test JPEGs unpacked under ``work`` (once; the tarball's sha256 checked)."""
+    import hashlib
+    import tarfile
+
+    root = work / "test"
+    if (work / "unpacked.ok").exists():
+        return root
+    digest = hashlib.sha256(CIFAR10K.read_bytes()).hexdigest()
+    if digest != CIFAR10K_SHA256:
+        raise SystemExit(f"{CIFAR10K}: sha256 {digest} is not the one in shared/weights/MANIFEST.md")
+    work.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(CIFAR10K) as tar:
+        tar.extractall(work, filter="data")
+    (work / "unpacked.ok").write_text("10000\n")
+    return root
+
+
+def _cli_args(a, data: Path, out: Path, cache: Path) -> list[str]:
+    size = a.input_size.replace(" ", ",")
+    return [a.source, "--arch", a.arch, "--data", str(data), "--input-size", size, "--mean", a.mean, "--std", a.std,
+            "--temperatures", "inf,1,2,4", "--cache-dir", str(cache), "--out", str(out), "-q"]
+
+
+def _wall(cmd: list[str]) -> float:
+    import subprocess
+
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def _cached(a, data: Path) -> bool:
+    """Whole-process wall time of a cached re-sweep, and its breakdown (in a separate fresh process)."""
+    import json
+    import subprocess
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="sweep-cost-"))
+    cache = tmp / "cache"
+    cli = [sys.executable, "-m", "patchcsra", "sweep-lambda"]
+    first = _wall(cli + _cli_args(a, data, tmp / "run0", cache))  # fills the cache
+    walls = [_wall(cli + _cli_args(a, data, tmp / f"run{i + 1}", cache)) for i in range(max(1, a.repeats))]
+    got = subprocess.run([sys.executable, str(HERE / "_sweep_phases.py"), *_cli_args(a, data, tmp / "phases", cache)],
+                         check=True, capture_output=True, text=True)
+    phases = json.loads(got.stdout.strip().splitlines()[-1])
+    summary = json.loads((tmp / "run1" / "summary.json").read_text())
+    forward = (summary.get("pass") or {}).get("forward_images")
+    best = min(walls)
+    print(f"cached re-sweep: {summary['images']['scored']} images, forward passes {forward}, 21 λ x 4 T, bootstrap "
+          f"{summary['settings']['bootstrap']}, {summary['settings']['folds']}-fold CV "
+          f"(first, filling the cache: {first:.1f} s)")
+    print(f"  whole process: {best:.2f} s (min of {len(walls)}: {', '.join(f'{w:.2f}' for w in walls)}); "
+          f"target <= {a.cached_target:.1f} s: {'PASS' if best <= a.cached_target else 'FAIL'}")
+    print(f"  breakdown (one more process, {phases['total']:.2f} s):")
+    for name, sec in sorted(phases["phases"].items(), key=lambda kv: -kv[1]):
+        print(f"    {sec:7.3f} s  {name}")
+    return best <= a.cached_target
+
+
+def _first(a, data: Path) -> bool:
+    """A first sweep (empty cache) and one plain evaluation, each a whole process, interleaved."""
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="sweep-first-"))
+    size = int(a.input_size.replace(" ", ",").split(",")[-1])
+    plain = [sys.executable, str(HERE / "_plain_eval.py"), "--weights", a.source, "--arch", a.arch, "--data",
+             str(data), "--size", str(size), "--mean", a.mean, "--std", a.std]
+    cli = [sys.executable, "-m", "patchcsra", "sweep-lambda"]
+    t_plain, t_sweep = [], []
+    for i in range(max(1, a.repeats)):
+        t_plain.append(_wall(plain))
+        t_sweep.append(_wall(cli + _cli_args(a, data, tmp / f"run{i}", tmp / f"cache{i}")))
+    ratio = min(t_sweep) / min(t_plain)
+    print(f"first sweep (empty cache, {len(t_sweep)} rounds): {min(t_sweep):.1f} s vs one plain evaluation "
+          f"{min(t_plain):.1f} s = {ratio:.3f}x; target <= {a.first_target:.2f}x: "
+          f"{'PASS' if ratio <= a.first_target else 'FAIL'}")
+    print(f"  rounds: sweep {', '.join(f'{t:.1f}' for t in t_sweep)} s; plain {', '.join(f'{t:.1f}' for t in t_plain)} s")
+    return ratio <= a.first_target
+
+
+def _in_process(a) -> int:
 
     import torch
     from torch.utils.data import DataLoader

@@ -150,7 +150,7 @@ def prepare(source: Union[str, os.PathLike, nn.Module, ModelSource], data: Union
     except HeadNotFoundError as e:  # name the model the user gave (a file, timm:NAME ...), not only its class
         raise HeadNotFoundError(str(e) if str(e).startswith(name) else f"{name}: {e}") from None
     index = _class_groups(model, dataset, int(patched.info.num_classes), class_map, class_names)
-    dataset.transform = spec.build()
+    dataset.transform = spec.lazy()  # built at the first image: a cached pass never pays for torchvision
     lam = default_lam(model) if fixed_lam is None else float(fixed_lam)
     many = any(isinstance(i, list) for i in index)
     return Prepared(model, patched, dataset, index, spec, name, lam, limited, reduce if many else None)

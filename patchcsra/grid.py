@@ -86,7 +86,8 @@ def primary_metric(stats: Stats) -> str:
 def check_finite(stats: Stats, model: Optional[str] = None) -> None:
     """Refuse NaN/inf logits on readable images, naming the model (when given), how many and which."""
     rows = stats.ok
-    bad = ~(torch.isfinite(stats.base).all(1) & torch.isfinite(stats.att).all(-1).all(-1)).numpy() & rows
+    att = stats.att.numpy()
+    bad = ~(np.isfinite(stats.base.numpy()).all(1) & np.isfinite(att.reshape(att.shape[0], -1)).all(1)) & rows
     if bad.any():
         ids = [stats.ids[i] for i in np.flatnonzero(bad)[:5]]
         who = "the model" if model is None else f"the model {model}"
@@ -208,16 +209,17 @@ def sweep(stats: Stats, *, options: Optional[SweepOptions] = None, top_k: int = 
     oracle = (grid[i_best][0], grid[i_best][1], float(frame[metric].iloc[i_best]))
     fixed_row = frame[(frame["lam"] == fixed_lam) & np.isinf(frame["temperature"])].iloc[0]
     fixed = (fixed_lam, math.inf, float(fixed_row[metric]))
+    # one draw of the resamples serves the choices, the comparators and (its first rows) the band
+    weights = M.bootstrap_weights(int(rows.sum()), int(bootstrap), seed) if bootstrap and bootstrap > 0 else None
     choices = _choices(stats, rows, grid, baseline[metric], oracle, fixed, _primary(stats, metric, top_k, proto, kind),
-                       folds, bootstrap, seed)
+                       folds, bootstrap, seed, weights)
     per_class = _per_class(stats, rows, oracle[0], oracle[1], fixed_lam, proto)
     settings = {"lams": lam_set, "temperatures": [temperature_json(t) for t in temps], "fixed_lam": fixed_lam,
                 "metric": metric, "folds": int(folds), "bootstrap": int(bootstrap), "seed": int(seed),
                 "top_k": int(top_k), "threshold": proto.threshold, **scores_info}
     comps = _comparators(stats, rows, baseline[metric], fixed_lam, _primary(stats, metric, top_k, proto, kind),
-                         bootstrap, seed,
-                         exact_linear)
-    band = _band(stats, rows, grid, oracle[1], _primary(stats, metric, top_k, proto, kind), bootstrap, seed)
+                         bootstrap, seed, exact_linear, weights)
+    band = _band(stats, rows, grid, oracle[1], _primary(stats, metric, top_k, proto, kind), bootstrap, seed, weights)
     return SweepResult(frame=frame, metric=metric, baseline=baseline, choices=choices, stats=stats,
                        per_class=per_class, settings=settings, comparators=comps, band=band)
 
@@ -233,11 +235,12 @@ BAND_MIN_RESAMPLES = 50
 
 
 def _band(stats: Stats, rows: np.ndarray, grid: list[tuple[float, float]], best_t: float, primary, bootstrap: int,
-          seed: int) -> dict[str, Any]:
+          seed: int, weights: Optional[np.ndarray] = None) -> dict[str, Any]:
     """Percentile 95% band of the selection metric at each λ of every T (or of the oracle's T alone when the grid
     has more than :data:`BAND_MAX_POINTS` points or would cost more than :data:`BAND_BUDGET`), from
     ``min(bootstrap, BAND_RESAMPLES)`` paired resamples, fewer where the budget asks (none below
-    :data:`BAND_MIN_RESAMPLES`: ``{}``)."""
+    :data:`BAND_MIN_RESAMPLES`: ``{}``). ``weights``: the sweep's ``bootstrap_weights(N, bootstrap, seed)``, whose
+    first rows are the band's resamples (each row is drawn after the ones before it)."""
     reps = min(int(bootstrap or 0), BAND_RESAMPLES)
     if reps <= 0:
         return {}
@@ -249,7 +252,7 @@ def _band(stats: Stats, rows: np.ndarray, grid: list[tuple[float, float]], best_
     reps = min(reps, BAND_BUDGET // max(1, points * size))  # fewer resamples on a large set (COCO: ~60)
     if reps < BAND_MIN_RESAMPLES:
         return {}
-    w = M.bootstrap_weights(int(rows.sum()), reps, seed)
+    w = weights[:reps] if weights is not None and len(weights) >= reps else M.bootstrap_weights(int(rows.sum()), reps, seed)
     curves = []
     for t in ts:
         lams = sorted({lam for lam, tt in grid if tt == t})
@@ -278,22 +281,25 @@ def comparator_scores(stats: Stats, fixed_lam: float) -> dict[str, torch.Tensor]
       (:attr:`Stats.avgmax`); only when it was collected and is finite on every readable image (it is NaN for
       splits whose locations are not one feature map).
     """
-    out = {"ttp": 0.5 * (stats.base + stats.max)}
+    base = stats.base.numpy()  # numpy on the tensors' memory: the same float32 arithmetic as torch, bit for bit
+    out = {"ttp": torch.from_numpy(np.float32(0.5) * (base + stats.max.numpy()))}
     have = set(stats.temperatures) | {math.inf}
     if all(t in have for t in MULTI_HEAD_TEMPERATURES):
-        att = sum(stats.att_for(t) for t in MULTI_HEAD_TEMPERATURES)
-        out["multihead"] = len(MULTI_HEAD_TEMPERATURES) * stats.base + float(fixed_lam) * att
+        att = sum(stats.att_for(t).numpy() for t in MULTI_HEAD_TEMPERATURES)
+        out["multihead"] = torch.from_numpy(np.float32(len(MULTI_HEAD_TEMPERATURES)) * base
+                                            + np.float32(fixed_lam) * att)
     am = getattr(stats, "avgmax", None)
-    if am is not None and bool(torch.isfinite(am[torch.as_tensor(stats.ok)]).all()):
+    if am is not None and bool(np.isfinite(am.numpy()[np.asarray(stats.ok, dtype=bool)]).all()):
         out["avgmax"] = am
     return out
 
 
 def _comparators(stats: Stats, rows: np.ndarray, b0: float, fixed_lam: float, primary, bootstrap: int, seed: int,
-                 exact_linear: Optional[bool]) -> dict[str, Choice]:
+                 exact_linear: Optional[bool], weights: Optional[np.ndarray] = None) -> dict[str, Choice]:
     """:func:`comparator_scores` as :class:`Choice` rows, each Δ with the same paired bootstrap as the λ choices
-    (same resamples: same ``seed``)."""
-    w = M.bootstrap_weights(int(rows.sum()), int(bootstrap), seed) if bootstrap and bootstrap > 0 else None
+    (same resamples: same ``seed``; ``weights`` when the caller drew them already)."""
+    w = weights if weights is not None else \
+        M.bootstrap_weights(int(rows.sum()), int(bootstrap), seed) if bootstrap and bootstrap > 0 else None
     base_boot = np.asarray(primary(stats.base, rows, w)) if w is not None else None
     exact = {True: "exact: the head is linear, so avg_k s_k is the model's own logit",
              False: "approximate: the head is not linear, the model's logit stands in for avg_k s_k",
@@ -346,14 +352,16 @@ def _resolve_protocol(stats: Stats, protocol: Any, scores: str, rows: Optional[n
 
 def _choices(stats: Stats, rows: np.ndarray, grid: list[tuple[float, float]], b0: float,
              oracle: tuple[float, float, float], fixed: tuple[float, float, float], primary, folds: int,
-             bootstrap: int, seed: int) -> dict[str, Choice]:
-    """The oracle, fixed and (``folds > 1``) cross-validated choices, each with its paired bootstrap CI."""
+             bootstrap: int, seed: int, weights: Optional[np.ndarray] = None) -> dict[str, Choice]:
+    """The oracle, fixed and (``folds > 1``) cross-validated choices, each with its paired bootstrap CI
+    (``weights``: the resamples, when the caller drew them already)."""
     cv = None
     if folds and folds > 1:
         k = min(int(folds), int(rows.sum()))
         if k >= 2:
             cv = _cross_validate(stats, grid, rows, k, seed, primary, int(bootstrap))
-    w = M.bootstrap_weights(int(rows.sum()), int(bootstrap), seed) if bootstrap and bootstrap > 0 else None
+    w = weights if weights is not None else \
+        M.bootstrap_weights(int(rows.sum()), int(bootstrap), seed) if bootstrap and bootstrap > 0 else None
     base_boot = primary(stats.base, rows, w) if w is not None else None
 
     def ci(scores: torch.Tensor) -> tuple[float, float]:

@@ -721,12 +721,26 @@ def _extract_state_dict(obj: dict, path: Path, ema: bool = False) -> dict[str, T
         if inner is None:
             break
         obj = inner
-    from timm.models import clean_state_dict  # DDP 'module.' / torch.compile '_orig_mod.' prefixes, either order
-
     sd = {str(k): v for k, v in obj.items() if isinstance(v, Tensor)}
     if not sd:
         raise SourceError(f"{path} holds no tensors under any of the keys {', '.join(_NESTED_KEYS)}")
     return {k: v.detach().to("cpu") for k, v in clean_state_dict(sd).items()}
+
+
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_orig_mod.")  # torch.compile over DDP, DDP, torch.compile
+
+
+def clean_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` without the DDP ``module.`` / torch.compile ``_orig_mod.`` key prefixes, wrapped in either
+    order: timm's ``timm.models.clean_state_dict``, kept here because ``import timm`` (which imports
+    torchvision) costs more than a cached re-sweep (``tests/test_sources_formats.py`` checks both agree)."""
+    out = {}
+    for k, v in state_dict.items():
+        if k.startswith(_WRAPPER_PREFIXES):
+            for r in _WRAPPER_PREFIXES:
+                k = k[len(r):] if k.startswith(r) else k
+        out[k] = v
+    return out
 
 
 def _import_module(mod_name: str, arch: str):

@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension, make_dataset
-
 from ..errors import DatasetError
+from ._imagefolder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension, make_dataset
 from .base import ImageDataset, register_format
 
 __all__ = ["FOLDER_SPLIT_ORDER", "open_folder", "detect_folder", "resolve_folder_split", "IMG_EXTENSIONS"]
@@ -84,9 +83,12 @@ def detect_folder(path: Path) -> bool:
     return _is_class_root(path) or any(_is_class_root(s) for s in _subdirs(path)[:_PROBE_DIRS])
 
 
-def _each_file_once(samples: list[tuple[str, int]], root: Path) -> list[tuple[str, int]]:
+def _each_file_once(samples: list[tuple[str, int]], root: Path, links: bool = True) -> list[tuple[str, int]]:
     """Every real file once: a symbolic link back up the tree (``cat/again -> .``) or a second link to an
-    image would list it again; the first path (in sorted order) is kept."""
+    image would list it again; the first path (in sorted order) is kept. ``links=False`` (the walk met no
+    symbolic link, so no file can be listed twice) skips resolving the paths."""
+    if not links:
+        return samples
     seen: set[str] = set()
     out = []
     for p, c in samples:
@@ -125,8 +127,8 @@ def open_folder(path: Path, split: Optional[str] = None, *, difficult: str = "ig
         if absent:
             _logger.info("%s: %d listed classes have no folder (e.g. %s)", root, len(absent), absent[0])
     class_to_idx = {c: k for k, c in enumerate(names)}
-    samples = _each_file_once(make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True),
-                              root)
+    links = [False]
+    samples = _each_file_once(make_dataset(str(root), class_to_idx, IMG_EXTENSIONS, links), root, links[0])
     if not samples:
         raise DatasetError(f"{root}: the class folders hold no {', '.join(IMG_EXTENSIONS)} images; "
                            "give a folder with images")

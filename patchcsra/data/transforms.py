@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import PatchCSRAError
 
-__all__ = ["TransformSpec", "resolve_transform", "model_config_source", "INTERPOLATIONS"]
+__all__ = ["TransformSpec", "LazyTransform", "resolve_transform", "model_config_source", "INTERPOLATIONS"]
 
 _logger = logging.getLogger(__name__)
 
@@ -75,6 +75,31 @@ class TransformSpec:
             return T.Compose(steps + [tt]) if steps else tt
         steps += [T.ToTensor(), T.Normalize(self.mean, self.std)]
         return T.Compose(steps)
+
+    def lazy(self) -> "LazyTransform":
+        """The same transform as :meth:`build`, built only when first called (:class:`LazyTransform`)."""
+        return LazyTransform(self)
+
+
+class LazyTransform:
+    """:meth:`TransformSpec.build`'s transform, built at its first call (in the process that calls it: a DataLoader
+    worker builds its own), so that a pass answered from the stats cache never imports torchvision (~1.4 s).
+    Picklable; ``LazyTransform(spec)(img)`` equals ``spec.build()(img)``."""
+
+    def __init__(self, spec: "TransformSpec") -> None:
+        self.spec = spec
+        self._fn: Optional[Callable] = None
+
+    def __call__(self, img: Any) -> Any:
+        if self._fn is None:
+            self._fn = self.spec.build()
+        return self._fn(img)
+
+    def __getstate__(self) -> dict:
+        return {"spec": self.spec, "_fn": None}
+
+    def __repr__(self) -> str:
+        return f"LazyTransform({self.spec!r})"
 
 
 def model_config_source(model: nn.Module) -> Optional[str]:
