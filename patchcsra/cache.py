@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -21,7 +22,7 @@ from torch import Tensor
 from ._io import describe_os_error, torch_save, write_bytes
 from .errors import PatchCSRAError
 
-__all__ = ["CacheEntry", "open_entry", "find_entry", "known_temperatures", "mark_complete", "row_shapes",
+__all__ = ["CacheEntry", "shard_name", "open_entry", "find_entry", "known_temperatures", "mark_complete", "row_shapes",
            "alloc_rows", "digest", "part_digest", "valid_meta", "CONTENTS_FILE", "guarded_write"]
 
 #: per image, blake2b-128 of the file's bytes when its rows were computed (``--verify-cache`` compares them)
@@ -113,7 +114,10 @@ class CacheEntry:
         return sorted(out)
 
     def done(self) -> int:
-        """Images ``[0, done)`` are stored contiguously (by the parts' names; :meth:`load_into` checks them)."""
+        """Images ``[0, done)`` are stored contiguously (by the parts' names; :meth:`load_into` checks them); all of
+        them for a complete entry held in per-rank shards."""
+        if self.shards() is not None:
+            return int(self.meta()["n"])  # type: ignore[index]
         n = 0
         for a, b, _ in self.parts():
             if a != n:
@@ -151,12 +155,63 @@ class CacheEntry:
             return "its bytes changed since it was written"
         return None
 
+    # ------------------------------------------------------------------ per-rank shards (torchrun)
+    def shards(self) -> Optional[int]:
+        """The world size whose per-rank shards hold this (complete) entry's rows, or None for the plain layout."""
+        m = self.meta()
+        w = m.get("shards") if m is not None and m.get("complete") else None
+        return w if isinstance(w, int) and not isinstance(w, bool) and w >= 1 else None
+
+    def shard(self, world: int, rank: int, n_local: int) -> "CacheEntry":
+        """Rank ``rank``'s shard of this entry under a ``world``-process run: a sub-entry ``shard-w<W>-r<R>`` holding
+        rows ``rank, rank + W, ...`` as its local rows ``0..n_local`` (parts, content digests, ``complete``), so a
+        restarted rank resumes at its own last saved part. A shard whose ``meta.json`` does not match is emptied."""
+        sub = CacheEntry(self.path / shard_name(world, rank))
+        m, parent = sub.meta(), self.meta()
+        if parent is None:
+            raise PatchCSRAError(f"stats cache {self.path} has no usable meta.json; delete it and rerun")
+        key = f"{parent['key']}#shard-{rank}-of-{world}"
+        if m is None or m.get("key") != key or m.get("n") != n_local or m.get("temperatures") != parent["temperatures"]:
+            if sub.path.exists():
+                shutil.rmtree(sub.path)
+            sub.write_meta({"key": key, "n": n_local, "temperatures": parent["temperatures"], "complete": False,
+                            "world": world, "rank": rank})
+        return sub
+
+    def drop_shards(self, keep_world: Optional[int] = None) -> None:
+        """Remove the per-rank shards (all, or those of other world sizes than ``keep_world``)."""
+        for d in self.path.glob("shard-w*-r*"):
+            if keep_world is None or not d.name.startswith(f"shard-w{keep_world}-"):
+                shutil.rmtree(d, ignore_errors=True)
+
+    def _load_shards(self, out: dict[str, Tensor], world: int) -> int:
+        """All rows from the ``world`` complete shards (row ``i`` from shard ``i % world``), or 0 when one of them
+        is missing, incomplete or changed (then every shard is dropped: the rows are computed again)."""
+        n = int(out["base"].shape[0])
+        for r in range(world):
+            rows = torch.arange(r, n, world)
+            sub = CacheEntry(self.path / shard_name(world, r))
+            m = sub.meta()
+            local = alloc_rows(len(rows), {k: (tuple(v.shape[1:]), v.dtype) for k, v in out.items()})
+            if m is None or not m.get("complete") or m.get("n") != len(rows) or sub.load_into(local) != len(rows):
+                _logger.warning("stats cache %s: shard %s is missing or incomplete; its images are computed again",
+                                self.path, sub.path.name)
+                self.drop_from(0)
+                return 0
+            for k in out:
+                out[k][rows] = local[k]
+        return n
+
     def load_into(self, out: dict[str, Tensor]) -> int:
         """Copy the contiguous, verified stored parts into ``out``'s rows (preallocated, ``N`` rows).
 
         Returns the rows filled. The first part that fails its check is removed with the parts after it,
-        with one warning naming it.
+        with one warning naming it. An entry written by a ``torchrun`` pass is read from its per-rank shards,
+        all or nothing.
         """
+        world = self.shards()
+        if world is not None:
+            return self._load_shards(out, world)
         stop, key = 0, self._key()
         parts = self.parts()
         for i, (a, b, p) in enumerate(parts):
@@ -177,7 +232,15 @@ class CacheEntry:
         return stop
 
     def drop_from(self, row: int) -> int:
-        """Remove every part that ends after ``row``; returns where the kept parts end (the resume point)."""
+        """Remove every part that ends after ``row``; returns where the kept parts end (the resume point). An entry
+        held in per-rank shards is dropped whole (its rows are not contiguous on disk)."""
+        if self.shards() is not None:
+            self.drop_shards()
+            m = self.meta() or {}
+            m.pop("shards", None)
+            m["complete"] = False
+            self.write_meta(m)
+            row = 0
         keep = 0
         for a, b, p in self.parts():
             if b > row:
@@ -197,6 +260,11 @@ class CacheEntry:
         if stop != n:
             raise PatchCSRAError(f"stats cache {self.path} is incomplete ({stop}/{n} images); delete it and rerun")
         return out
+
+
+def shard_name(world: int, rank: int) -> str:
+    """The folder of rank ``rank``'s shard in a ``world``-process pass."""
+    return f"shard-w{int(world)}-r{int(rank)}"
 
 
 def row_shapes(c: int, n_t: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

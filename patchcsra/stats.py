@@ -16,6 +16,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .cache import (CacheEntry, alloc_rows, digest, guarded_write, mark_complete, row_shapes, save_part_or_give_up,
-                    usable_entry)
+                    shard_name, usable_entry)
 from .runtime import OOM_ERRORS, default_workers, resolve_amp, resolve_device
 from .errors import DatasetError, PatchCSRAError
 from .data.classes import check_class_reduce, class_groups
@@ -289,14 +290,17 @@ def _collect_single(p: _Plan, progress: Optional[Progress]) -> Stats:
     return _stats(p, data, temps, entry, p.n - start, used=used)
 
 
-def _reusable_rows(p: _Plan, entry: CacheEntry, data: dict[str, Tensor]) -> int:
+def _reusable_rows(p: _Plan, entry: CacheEntry, data: dict[str, Tensor], rows: Optional[Sequence[int]] = None) -> int:
     """Load ``entry``'s verified parts into ``data``; returns the rows ``[0, start)`` kept.
 
     Rows are dropped (with their parts and those after) from the first image the cache holds as unreadable
     (it may be readable now) and, with ``verify_cache``, from the first image whose bytes differ from the
     digest stored when its rows were computed. The digests of the rows still to compute are stored first.
+    ``rows``: the dataset image of each of the entry's rows (a rank's shard; default: all ``N`` in order).
     """
-    n, ds = p.n, p.dataset
+    ds = p.dataset
+    idx = list(range(p.n)) if rows is None else list(rows)
+    n = len(idx)
     start = entry.load_into(data)
     unread = torch.nonzero(~data["ok"][:start]).flatten()
     if len(unread):  # a file unreadable once may be readable now: never cached as bad
@@ -309,15 +313,15 @@ def _reusable_rows(p: _Plan, entry: CacheEntry, data: dict[str, Tensor]) -> int:
                             "is computed again", entry.path)
             start = entry.drop_from(0)
         else:
-            changed = np.flatnonzero((ds.content_digests(range(start)) != stored[:start]).any(axis=1))
+            changed = np.flatnonzero((ds.content_digests(idx[:start]) != stored[:start]).any(axis=1))
             if len(changed):
                 _logger.warning("%d image(s) changed since the stats cache %s was written (e.g. %s); they and the "
                                 "images after them are computed again", len(changed), entry.path,
-                                ds.files[int(changed[0])])
+                                ds.files[idx[int(changed[0])]])
                 start = entry.drop_from(int(changed[0]))
     if start < n:  # what the rows to come are computed from (zeros: unknown, never verified as equal)
         new = np.zeros((n, 16), dtype=np.uint8) if stored is None else stored
-        new[start:] = ds.content_digests(range(start, n))
+        new[start:] = ds.content_digests(idx[start:])
         guarded_write(entry, entry.write_contents, new)
     return start
 
@@ -339,14 +343,20 @@ def _stats(p: _Plan, data: dict[str, Tensor], temps: Sequence[float], entry: Opt
 
 
 def _collect_distributed(p: _Plan, progress: Optional[Progress]) -> Optional[Stats]:
-    """torchrun: each rank runs its strided shard, rank 0 gathers, caches and returns; others return None.
+    """torchrun: each rank computes its strided shard (rows ``rank, rank + W, ...``); rank 0 returns the Stats,
+    the other ranks None.
 
-    A complete cache entry (checked by rank 0) is reused as in a single process; an interrupted distributed
-    pass is not resumed (it is cached only once complete).
+    With a stats cache every rank writes its shard into the cache entry as it goes (parts in
+    ``shard-w<W>-r<R>/``, resumable per shard: a rank killed and restarted -- ``torchrun --max-restarts`` --
+    resumes at its last saved part), and rank 0 reads the shards back from disk once all are complete: no
+    statistics travel through the process group, and multi-node runs work the same way given a cache folder that
+    every node sees. A complete entry (checked by rank 0) is reused as in a single process, whichever world size
+    wrote it. Without a cache (or when it cannot be written) the shards are gathered on rank 0 in memory.
     """
     from . import dist
 
     n, temps, entry, cached = p.n, p.temps, None, None
+    world, rank = dist.world_size(), dist.rank()
     if dist.is_main() and p.options.cache_dir is not None:
         entry = usable_entry(p.options.cache_dir, p.key, temps, p.temps_req, n, p.fingerprint)
     if entry is not None:
@@ -361,36 +371,120 @@ def _collect_distributed(p: _Plan, progress: Optional[Progress]) -> Optional[Sta
                     _logger.warning("stats cache %s does not match the images' bytes; every image is computed "
                                     "again", entry.path)
                     cached = None
-    have = dist.broadcast(None if entry is None else (cached is not None, [str(t) for t in temps]))
+        if cached is None:
+            try:  # shards of another world size cannot be resumed by this one
+                entry.drop_shards(keep_world=world)
+            except OSError:
+                entry.broken = True
+    have = dist.broadcast(None if entry is None or entry.broken else
+                          (cached is not None, [str(t) for t in temps], str(entry.path)))
     if have is not None:
         temps = sorted(float(t) for t in have[1])
         if have[0]:
-            return _stats(p, cached, temps, entry, 0, dist.world_size()) if dist.is_main() else None  # type: ignore[arg-type]
+            return _stats(p, cached, temps, entry, 0, world) if dist.is_main() else None  # type: ignore[arg-type]
     mine = dist.shard(n)
     shapes = row_shapes(len(p.index), len(temps))
     part = alloc_rows(len(mine), shapes)
+    shard = None
+    if have is not None:
+        try:
+            shard = CacheEntry(Path(have[2])).shard(world, rank, len(mine))
+        except (OSError, PatchCSRAError) as e:
+            _logger.warning("rank %d: stats cache shard cannot be used (%s); its rows are sent to rank 0", rank, e)
+    start = _reusable_rows(p, shard, part, rows=mine) if shard is not None else 0
+    if start:
+        _logger.info("rank %d resumes its shard %s at %d/%d", rank, shard.path if shard else "", start, len(mine))
     used = (p.options.batch_size, 0)
-    if mine:
-        used = _run(p, mine, temps, part, None, progress)
-    gathered = dist.gather_to_main((mine, part))
+    if start < len(mine):
+        used = _run(p, mine[start:], temps, {k: v[start:] for k, v in part.items()}, shard, progress, offset=start)
+    on_disk = shard is not None and not shard.broken
+    if on_disk:
+        mark_complete(shard)  # type: ignore[arg-type]
+        on_disk = not shard.broken  # type: ignore[union-attr]
+    forward = len(mine) - start
+    sent = dist.gather_to_main((on_disk, forward))  # small objects: the statistics stay on disk
+    loaded: set[int] = set()
+    need: Optional[list[int]] = None
+    data: dict[str, Tensor] = {}
+    if dist.is_main():
+        data = alloc_rows(n, shapes)
+        _scatter(data, mine, part)  # rank 0's own rows are in memory
+        for r, (disk, _) in enumerate(sent):  # type: ignore[arg-type]
+            if r != rank and disk:
+                try:  # one shard in memory at a time, straight into its rows
+                    _scatter(data, list(range(r, n, world)), _read_shard(Path(have[2]), world, r, shapes))  # type: ignore[index]
+                    loaded.add(r)
+                except (OSError, PatchCSRAError) as e:
+                    _logger.warning("rank %d's stats cache shard cannot be read on rank 0 (%s); its rows are sent "
+                                    "through the process group (give every node the same --cache-dir)", r, e)
+        need = [r for r in range(world) if r != rank and r not in loaded]
+    need = dist.broadcast(need)
+    extra = dist.gather_to_main((mine, part) if rank in need else None)  # rows that are not on a disk rank 0 reads
     if not dist.is_main():
         return None
-    data = alloc_rows(n, shapes)
-    for rows, got in gathered:  # type: ignore[union-attr]
-        if rows:
-            r = torch.as_tensor(rows, dtype=torch.long)
-            for k in data:
-                data[k][r] = got[k]
-    if entry is not None:
-        try:
-            for _, _, old in entry.parts():  # a partial single-process pass is superseded by the whole one
-                old.unlink()
-        except OSError:
-            entry.broken = True
-        guarded_write(entry, entry.write_contents, p.dataset.content_digests())
-        save_part_or_give_up(entry, 0, data)
-        mark_complete(entry)
-    return _stats(p, data, temps, entry, n, dist.world_size(), used=used)
+    for r in need:
+        _scatter(data, *extra[r])  # type: ignore[index]
+    if entry is not None and not entry.broken:
+        if not need and all(disk for disk, _ in sent):  # type: ignore[union-attr]
+            _finish_sharded(p, entry, world)
+        else:  # some rows are not in shards rank 0 can read: keep the whole pass as one plain entry
+            _finish_plain(p, entry, data)
+    total = sum(f for _, f in sent)  # type: ignore[misc]
+    return _stats(p, data, temps, entry, total, world, used=used)
+
+
+def _scatter(data: dict[str, Tensor], rows: Sequence[int], got: dict[str, Tensor]) -> None:
+    """``data[k][rows[i]] = got[k][i]`` for every key."""
+    if len(rows):
+        idx = torch.as_tensor(list(rows), dtype=torch.long)
+        for k in data:
+            data[k][idx] = got[k]
+
+
+def _read_shard(path: Path, world: int, rank: int, shapes: dict) -> dict[str, Tensor]:
+    """Rank ``rank``'s complete shard of the entry at ``path``, read back from disk (verified part by part)."""
+    n_local = len(range(rank, int(CacheEntry(path).meta()["n"]), world))  # type: ignore[index]
+    out = alloc_rows(n_local, shapes)
+    sub = CacheEntry(path / shard_name(world, rank))
+    if sub.load_into(out) != n_local:
+        raise PatchCSRAError(f"stats cache shard {sub.path} is incomplete after its rank finished; delete "
+                             f"{path} and rerun")
+    return out
+
+
+def _finish_sharded(p: _Plan, entry: CacheEntry, world: int) -> None:
+    """Mark ``entry`` complete as held by ``world`` shards: the shards' content digests joined into the entry's
+    (for ``--verify-cache``), parts of an earlier single-process pass removed (superseded)."""
+    n = p.n
+    digests = np.zeros((n, 16), dtype=np.uint8)
+    for r in range(world):
+        got = CacheEntry(entry.path / shard_name(world, r)).contents(len(range(r, n, world)))
+        if got is not None:
+            digests[r::world] = got
+    try:
+        for _, _, old in entry.parts():
+            old.unlink()
+    except OSError:
+        entry.broken = True
+    guarded_write(entry, entry.write_contents, digests)
+    m = entry.meta()
+    if m is not None and not entry.broken:
+        m["shards"] = int(world)
+        guarded_write(entry, entry.write_meta, m)
+    mark_complete(entry)
+
+
+def _finish_plain(p: _Plan, entry: CacheEntry, data: dict[str, Tensor]) -> None:
+    """Store the whole pass as one plain part (a rank could not write its shard)."""
+    try:
+        for _, _, old in entry.parts():
+            old.unlink()
+        entry.drop_shards()
+    except OSError:
+        entry.broken = True
+    guarded_write(entry, entry.write_contents, p.dataset.content_digests())
+    save_part_or_give_up(entry, 0, data)
+    mark_complete(entry)
 
 
 def _forward_into(p: _Plan, temps: Sequence[float], out: dict[str, Tensor]) -> Callable[[Tensor, slice], None]:
@@ -467,11 +561,12 @@ def _forward_chunks(forward: Callable[[Tensor, slice], None], x: Tensor, at: int
 
 
 def _run(p: _Plan, rows: list[int], temps: Sequence[float], out: dict[str, Tensor], entry: Optional[CacheEntry],
-         progress: Optional[Progress]) -> tuple[int, int]:
+         progress: Optional[Progress], offset: Optional[int] = None) -> tuple[int, int]:
     """Forward ``dataset[rows]`` and write row ``i`` of every ``out`` tensor for ``rows[i]`` (in place).
 
     ``out``: preallocated CPU tensors with ``len(rows)`` rows (see :func:`_row_shapes`). With ``entry``
-    (single process, ``rows`` contiguous), every ``save_every`` images are also saved as a cache part.
+    (a single process's entry, or a rank's shard of it), every ``save_every`` images are also saved as a cache
+    part, numbered from ``offset`` (default ``rows[0]``: the entry's rows are the dataset's; a shard's are its own).
 
     On CUDA out of memory (``torch.OutOfMemoryError``) the failed chunk is retried at half the batch size,
     down to 1, and the smaller size is kept for the rest of the pass (each loader batch of up to
@@ -488,6 +583,7 @@ def _run(p: _Plan, rows: list[int], temps: Sequence[float], out: dict[str, Tenso
 
     n, opts = p.n, p.options
     start = rows[0] if rows else n
+    first = start if offset is None else offset  # where this call's rows start among the entry's rows
     forward = _forward_into(p, temps, out)
     loader = DataLoader(Subset(p.dataset, rows), batch_size=opts.batch_size, shuffle=False,
                         num_workers=p.workers, pin_memory=p.dev.type == "cuda", persistent_workers=False)
@@ -503,7 +599,7 @@ def _run(p: _Plan, rows: list[int], temps: Sequence[float], out: dict[str, Tenso
             done += x.shape[0]
             due = done - saved >= opts.save_every or time.monotonic() - last_save >= opts.save_interval
             if entry is not None and (due or done == len(rows)):
-                save_part_or_give_up(entry, start + saved, {k: v[saved:done].clone() for k, v in out.items()})
+                save_part_or_give_up(entry, first + saved, {k: v[saved:done].clone() for k, v in out.items()})
                 saved, last_save = done, time.monotonic()
             if progress is not None:
                 progress(min(n, start + done * step), n)
