@@ -391,7 +391,7 @@ def test_open_dataset_errors(tmp_path):
 
 
 def test_register_format_and_list_formats(tmp_path, monkeypatch):
-    assert list_formats()[:2] == ["coco", "voc"] and set(list_formats()) == {"coco", "voc", "manifest", "folder"}
+    assert list_formats()[:2] == ["coco", "voc"] and set(list_formats()) == {"coco", "voc", "manifest", "folder", "hf-datasets", "webdataset"}
     monkeypatch.setattr(data_base, "_FORMATS", dict(data_base._FORMATS))
     (tmp_path / "x.lst").write_text("a.jpg\n")
 

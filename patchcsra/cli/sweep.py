@@ -18,13 +18,14 @@ from ._common import (GRID, OUTPUT, RUN, SOURCE_HELP, Arch, CropPct, Ema, Device
 def sweep_lambda(
     source: str = typer.Argument(..., help=SOURCE_HELP),
     data: Path = typer.Option(..., "--data", help="VOCdevkit root, COCO root or instances json, ImageFolder tree, "
-                              "or a CSV/JSON manifest"),
+                              "CSV/JSON manifest, webdataset .tar shards (a shard, a folder, shards-{000..009}.tar) "
+                              "or a Hugging Face datasets folder (save_to_disk or parquet)"),
     out_dir: Path = typer.Option(..., "--out", "-o", help="run directory to write (results.csv, summary.json, "
                                  "table.md, table.tex, curve.png)", rich_help_panel=OUTPUT),
     split: Optional[str] = typer.Option(None, "--split", help="split name (VOC: test/val/trainval; COCO: val2014, "
                                         "val2017; default: the evaluation split)"),
-    data_format: Optional[str] = typer.Option(None, "--data-format", help="voc | coco | folder | manifest "
-                                              "(default: detected)"),
+    data_format: Optional[str] = typer.Option(None, "--data-format", help="voc | coco | folder | manifest | "
+                                              "webdataset (wds) | hf-datasets (default: detected)"),
     lams: Optional[str] = typer.Option(None, "--lams", help="comma-separated λ grid (default: 21 values 0..1)",
                                        rich_help_panel=GRID),
     temperatures: str = typer.Option("inf", "--temperatures", help="comma-separated T grid, e.g. inf,1,2,4",
@@ -100,7 +101,9 @@ def sweep_lambda(
             from ..report import RUN_FILES
 
             replaceable_dir(out_dir, "--out", RUN_FILES)
-        if not data.exists():
+        from ..data.base import is_brace_pattern
+
+        if not data.exists() and not is_brace_pattern(data):  # shards-{000..009}.tar: webdataset's reader expands it
             raise PatchCSRAError(f"--data {data} does not exist")
         if difficult not in ("ignore", "positive"):
             raise PatchCSRAError(f"--difficult {difficult!r}: choose ignore or positive")

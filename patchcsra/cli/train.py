@@ -18,14 +18,16 @@ HEAD, RECIPE = "Head", "Recipe"
 
 def train_head(
     source: str = typer.Argument(..., help=SOURCE_HELP),
-    data: Path = typer.Option(..., "--data", help="training dataset (VOC, COCO, ImageFolder, manifest)"),
+    data: Path = typer.Option(..., "--data", help="training dataset (VOC, COCO, ImageFolder, manifest, webdataset "
+                              "shards, Hugging Face datasets folder)"),
     out_dir: Path = typer.Option(..., "--out", "-o", help="run directory (checkpoints, history, model.pt)",
                                  rich_help_panel=OUTPUT),
     split: Optional[str] = typer.Option("train", "--split", help="training split; a validation part is carved "
                                         "from it for model selection"),
     eval_split: Optional[str] = typer.Option(None, "--eval-split", help="after training, evaluate on this split "
                                              "(Table-1 run in OUT/eval)"),
-    data_format: Optional[str] = typer.Option(None, "--data-format", help="voc | coco | folder | manifest"),
+    data_format: Optional[str] = typer.Option(None, "--data-format", help="voc | coco | folder | manifest | "
+                                              "webdataset | hf-datasets"),
     class_map: Optional[Path] = typer.Option(None, "--class-map", help="JSON {class: output index} or CSV"),
     difficult: str = typer.Option("ignore", "--difficult", help="VOC difficult-only labels: ignore | positive"),
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import logging
 import os
+import re
 import stat
 import threading
 import warnings
@@ -32,7 +34,7 @@ from ..options import DEFAULT_MAX_PIXELS
 __all__ = [
     "ImageDataset", "DatasetFormat", "open_dataset", "register_format", "list_formats", "get_format",
     "DIFFICULT_MODES", "BAD_IMAGE_SIZE", "select_class_names", "DEFAULT_MAX_PIXELS", "UnreadableImage",
-    "read_image", "SAMPLE_BYTES", "check_max_pixels",
+    "read_image", "read_image_bytes", "SAMPLE_BYTES", "check_max_pixels", "BlobSource", "is_brace_pattern",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -50,7 +52,7 @@ class UnreadableImage(ValueError):
     """An image file that cannot be decoded; ``str(e)`` says why (``path: reason``)."""
 
 
-def _open_unchecked(path: Path) -> Image.Image:
+def _open_unchecked(path: Any) -> Image.Image:
     """``Image.open`` without PIL's own bomb check (ours, with the user's limit, runs right after)."""
     with _PIL_LIMIT:
         old = Image.MAX_IMAGE_PIXELS
@@ -74,25 +76,48 @@ def read_image(path: Union[str, os.PathLike], max_pixels: Optional[int] = DEFAUL
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):
             raise UnreadableImage(f"{path}: not a regular file")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # ours is the limit that counts
-            try:
-                im = Image.open(path)
-            except Image.DecompressionBombError:
-                im = _open_unchecked(path)
-        with im:
-            w, h = im.size
-            if max_pixels is not None and w * h > max_pixels:
-                raise UnreadableImage(
-                    f"{path}: {w}x{h} = {w * h} pixels is over the limit of {max_pixels} pixels (--max-pixels, "
-                    "a guard against decompression bombs); raise --max-pixels to read it")
-            im.load()
-            return to_rgb(im)
+        return _decode(lambda: path, path, max_pixels)
     except UnreadableImage:
         raise
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError, Image.DecompressionBombError) as e:
         why = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
         raise UnreadableImage(f"{path}: {why}") from None
+
+
+def read_image_bytes(data: Callable[[], bytes], where: Union[str, os.PathLike],
+                     max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """:func:`read_image` for an image that is no file of its own (a tar member, an arrow/parquet cell):
+    ``data()`` returns its encoded bytes, ``where`` names it in messages (``shard-000.tar#key.jpg``).
+
+    Raises:
+        UnreadableImage: ``"<where>: <why>"``: its container cannot be read, over the pixel limit, not decodable.
+    """
+    try:
+        blob = data()
+        return _decode(lambda: io.BytesIO(blob), where, max_pixels)
+    except UnreadableImage:
+        raise
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError, Image.DecompressionBombError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+        raise UnreadableImage(f"{where}: {why}") from None
+
+
+def _decode(source: Callable[[], Any], where: Any, max_pixels: Optional[int]) -> Image.Image:
+    """Open ``source()`` (a path or a file object), check the pixel limit from its header, decode it to RGB."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # ours is the limit that counts
+        try:
+            im = Image.open(source())
+        except Image.DecompressionBombError:
+            im = _open_unchecked(source())
+    with im:
+        w, h = im.size
+        if max_pixels is not None and w * h > max_pixels:
+            raise UnreadableImage(
+                f"{where}: {w}x{h} = {w * h} pixels is over the limit of {max_pixels} pixels (--max-pixels, "
+                "a guard against decompression bombs); raise --max-pixels to read it")
+        im.load()
+        return to_rgb(im)
 
 
 def _sample_digest(path: Path) -> tuple[int, int, bytes]:
@@ -138,6 +163,75 @@ def _map_files(fn: Callable[[Path], Any], files: Sequence[Path]) -> list:
         return [r for block in pool.map(lambda b: [fn(f) for f in b], blocks) for r in block]
 
 
+class BlobSource:
+    """Images held inside containers -- tar shards, arrow/parquet files -- rather than one file each.
+
+    An :class:`ImageDataset` with ``blobs`` set reads row ``r`` as item ``items[r]`` of its source; its
+    ``files`` are then pseudo-paths (``shard-000.tar#key.jpg``, ``data-00000.arrow#row=17``) that name the
+    images in messages. A source must pickle (DataLoader workers): it holds paths and offsets, and opens its
+    containers in the process that reads.
+
+    Subclasses give :meth:`read` and :meth:`container`; :meth:`read_sample` may read less than the whole item.
+    """
+
+    kind = "blob"
+
+    def read(self, item: int) -> bytes:
+        """The encoded bytes of ``item``; raises OSError when its container cannot be read."""
+        raise NotImplementedError
+
+    def container(self, item: int) -> str:
+        """The file that holds ``item``."""
+        raise NotImplementedError
+
+    def read_sample(self, item: int) -> tuple[int, bytes]:
+        """``(size of the item, its sampled bytes)``: all of it up to :data:`SAMPLE_BYTES`, else a third of
+        that from its start, its middle and its end (the blocks :meth:`ImageDataset.fingerprint` hashes)."""
+        data = self.read(item)
+        size, block = len(data), SAMPLE_BYTES // 3
+        if size <= SAMPLE_BYTES:
+            return size, data
+        return size, b"".join(data[at:at + block] for at in (0, (size - block) // 2, size - block))
+
+    def missing(self, items: Sequence[int]) -> list[bool]:
+        """Per item: its container is not a regular file (any more)."""
+        ok: dict[str, bool] = {}
+        out = []
+        for k in items:
+            c = self.container(int(k))
+            if c not in ok:
+                ok[c] = os.path.isfile(c)
+            out.append(not ok[c])
+        return out
+
+    def sample_keys(self, items: Sequence[int]) -> list[tuple[int, int, bytes]]:
+        """Per item ``(size, mtime_ns of its container, blake2b of its sampled bytes)``; ``(-1, -1, b"")``
+        where it cannot be read (what :func:`_sample_digest` is for a file)."""
+        mtimes: dict[str, int] = {}
+
+        def key(k: int) -> tuple[int, int, bytes]:
+            try:
+                c = self.container(int(k))
+                if c not in mtimes:
+                    mtimes[c] = os.stat(c).st_mtime_ns
+                size, data = self.read_sample(int(k))
+            except (OSError, ValueError):
+                return -1, -1, b""
+            return size, mtimes[c], hashlib.blake2b(data, digest_size=16).digest()
+
+        return _map_files(key, list(items))
+
+    def full_digests(self, items: Sequence[int]) -> list[bytes]:
+        """Per item the blake2b-128 of all its bytes (16 zero bytes where it cannot be read)."""
+        def digest(k: int) -> bytes:
+            try:
+                return hashlib.blake2b(self.read(int(k)), digest_size=16).digest()
+            except (OSError, ValueError):
+                return bytes(16)
+
+        return _map_files(digest, list(items))
+
+
 @dataclass(eq=False)
 class ImageDataset(torch.utils.data.Dataset):
     """``N`` images with ``C``-class multi-label targets.
@@ -154,6 +248,10 @@ class ImageDataset(torch.utils.data.Dataset):
         single_label: every row has exactly one positive (ImageFolder data).
         transform: PIL RGB image -> tensor ``(3, H, W)``; may be set after creation.
         max_pixels: images with more pixels are not decoded (:func:`read_image`); ``None``: no limit.
+        blobs: where the images are when they are no files of their own (webdataset shards, Hugging Face
+            ``datasets`` folders): a :class:`BlobSource`; ``files`` then holds pseudo-paths that name them.
+            ``None`` (every other reader): ``files`` are the image files.
+        items: ``(N,)`` int64, the item of ``blobs`` each row reads (default ``0..N-1``); ``None`` without blobs.
 
     ``dataset[i]`` is ``(transform(image), i, ok)``. A missing or undecodable image does not
     raise: it gives ``(transform(black 64x64 RGB image), i, False)`` so that a DataLoader keeps
@@ -171,6 +269,8 @@ class ImageDataset(torch.utils.data.Dataset):
     single_label: bool
     transform: Optional[Callable] = None
     max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
+    blobs: Optional[BlobSource] = None
+    items: Optional[np.ndarray] = None
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -189,6 +289,20 @@ class ImageDataset(torch.utils.data.Dataset):
             raise DatasetError(f"{self.name}: duplicate class names {dup[:5]}; give each class once")
         if self.targets.size and not np.isin(self.targets, (-1, 0, 1)).all():
             raise DatasetError(f"{self.name}: targets hold values other than 1, 0, -1; fix the label file")
+        if self.blobs is None:
+            self.items = None
+        else:
+            items = np.arange(n, dtype=np.int64) if self.items is None else np.asarray(self.items, dtype=np.int64)
+            if items.shape != (n,):
+                raise DatasetError(f"{self.name}: {items.shape} items for {n} files; give one item per file")
+            self.items = items
+
+    def _read(self, i: int) -> Image.Image:
+        """Image ``i`` as RGB (:func:`read_image` or, inside a container, :func:`read_image_bytes`)."""
+        if self.blobs is None:
+            return read_image(self.files[i], self.max_pixels)
+        item, blobs = int(self.items[i]), self.blobs
+        return read_image_bytes(lambda: blobs.read(item), self.files[i], self.max_pixels)
 
     # ------------------------------------------------------------------ sequence protocol
     def __len__(self) -> int:
@@ -199,7 +313,7 @@ class ImageDataset(torch.utils.data.Dataset):
         i = int(i)
         ok = True
         try:
-            img = read_image(self.files[i], self.max_pixels)
+            img = self._read(i)
         except UnreadableImage as e:
             _logger.debug("bad image %s", e)
             img, ok = Image.new("RGB", BAD_IMAGE_SIZE), False
@@ -232,13 +346,16 @@ class ImageDataset(torch.utils.data.Dataset):
 
     # ------------------------------------------------------------------ checks
     def missing_files(self) -> list[str]:
-        """Ids whose image file does not exist (one ``os.stat`` each; run it before any compute)."""
+        """Ids whose image file does not exist (one ``os.stat`` each; run it before any compute). For images
+        inside containers: ids whose container (tar shard, arrow/parquet file) is gone."""
+        if self.blobs is not None:
+            return [i for i, gone in zip(self.ids, self.blobs.missing(self.items)) if gone]
         return [i for i, f in zip(self.ids, self.files) if not os.path.isfile(f)]  # isfile: regular files only
 
     def unreadable_reason(self, i: int) -> Optional[str]:
         """Why image ``i`` cannot be read (``"<path>: <why>"``), or None when it can be now."""
         try:
-            read_image(self.files[int(i)], self.max_pixels).close()
+            self._read(int(i)).close()
         except UnreadableImage as e:
             return str(e)
         return None
@@ -251,6 +368,8 @@ class ImageDataset(torch.utils.data.Dataset):
         It changes when a label or an image file changes -- also a file rewritten with other pixels but the same
         size and mtime, unless it is larger than :data:`SAMPLE_BYTES` and the change misses all three blocks
         (:meth:`content_digests` sees every byte) -- and not when the data moves to another root.
+        Images inside containers (``blobs``) count the same way, with the size of the item and the mtime of its
+        container.
         """
         h = hashlib.sha256()
         for part in (self.format, str(self.split), "\x1f".join(self.classes), "\x1f".join(self.ids),
@@ -258,7 +377,7 @@ class ImageDataset(torch.utils.data.Dataset):
             h.update(part.encode("utf-8"))
             h.update(b"\x1e")
         h.update(self.targets.tobytes())
-        keys = _map_files(_sample_digest, self.files)
+        keys = _map_files(_sample_digest, self.files) if self.blobs is None else self.blobs.sample_keys(self.items)
         h.update(np.asarray([k[:2] for k in keys], dtype=np.int64).reshape(-1, 2).tobytes())
         for k in keys:
             h.update(len(k[2]).to_bytes(1, "little") + k[2])
@@ -268,7 +387,10 @@ class ImageDataset(torch.utils.data.Dataset):
         """``(len(rows), 16)`` uint8 (default: all ``N`` files): blake2b-128 of every byte of each image file
         (16 zeros for a missing file or one that is not a regular file)."""
         files = self.files if rows is None else [self.files[int(i)] for i in rows]
-        got = _map_files(_full_digest, files)
+        if self.blobs is not None:
+            got = self.blobs.full_digests(self.items if rows is None else [self.items[int(i)] for i in rows])
+        else:
+            got = _map_files(_full_digest, files)
         return np.frombuffer(b"".join(got), dtype=np.uint8).reshape(len(files), 16).copy()
 
     # ------------------------------------------------------------------ derived datasets
@@ -284,7 +406,7 @@ class ImageDataset(torch.utils.data.Dataset):
             raise DatasetError(f"{self.name}: subset index out of range for {len(self)} images")
         return dataclasses.replace(
             self, files=tuple(self.files[k] for k in idx), ids=tuple(self.ids[k] for k in idx),
-            targets=self.targets[idx])
+            targets=self.targets[idx], items=None if self.items is None else self.items[idx])
 
     def sample(self, n: int, seed: int = 0) -> "ImageDataset":
         """A seeded, class-stratified subset of ``n`` images, in the dataset's order (``n >= N``: all of them).
@@ -379,19 +501,29 @@ class DatasetFormat:
 
 
 _FORMATS: dict[str, DatasetFormat] = {}
+_ALIASES: dict[str, str] = {}  # another accepted spelling -> the registered name ("wds" -> "webdataset")
+_BRACE_RE = re.compile(r"\{[^{}]*(\.\.|,)[^{}]*\}")
+
+
+def is_brace_pattern(path: Union[str, os.PathLike]) -> bool:
+    """``path`` names several files by a brace pattern, as webdataset does (``shards-{000..009}.tar``)."""
+    return bool(_BRACE_RE.search(os.fspath(path)))
 
 
 def register_format(name: str, *, detect: Callable[[Path], bool], open: OpenFn,  # noqa: A002
-                    priority: int = 100) -> DatasetFormat:
-    """Add the reader ``name``; returns its :class:`DatasetFormat`.
+                    priority: int = 100, aliases: Sequence[str] = ()) -> DatasetFormat:
+    """Add the reader ``name`` (``aliases``: other names ``format=`` accepts for it); returns its
+    :class:`DatasetFormat`.
 
     Raises:
         ValueError: a reader of that name is registered already (names are unique, as in timm's registry).
     """
-    if name in _FORMATS:
-        raise ValueError(f"dataset format {name!r} is already registered; choose another name")
+    for key in (name, *aliases):
+        if key in _FORMATS or key in _ALIASES:
+            raise ValueError(f"dataset format {key!r} is already registered; choose another name")
     fmt = DatasetFormat(name=name, detect=detect, open=open, priority=int(priority))
     _FORMATS[name] = fmt
+    _ALIASES.update({a: name for a in aliases})
     return fmt
 
 
@@ -403,6 +535,7 @@ def list_formats() -> list[str]:
 def get_format(name: str) -> DatasetFormat:
     """The reader registered as ``name`` (case-insensitive)."""
     key = str(name).strip().lower()
+    key = _ALIASES.get(key, key)
     if key not in _FORMATS:
         raise DatasetError(f"format={name!r} is unknown; accepted formats: {', '.join(list_formats())}")
     return _FORMATS[key]
@@ -416,9 +549,11 @@ def open_dataset(path: Union[str, os.PathLike], format: Optional[str] = None,  #
 
     Args:
         path: a VOC devkit/year dir, a COCO root or ``instances_*.json``, an ImageFolder tree,
-            or a ``.csv``/``.json`` manifest.
-        format: ``"voc" | "coco" | "folder" | "manifest"`` (or any registered name); ``None``
-            detects it.
+            a ``.csv``/``.json`` manifest, webdataset tar shards (a ``.tar``, a folder of them or a brace
+            pattern ``shards-{000..009}.tar``) or a Hugging Face ``datasets`` folder (``save_to_disk`` or
+            parquet files).
+        format: ``"voc" | "coco" | "folder" | "manifest" | "webdataset" (or "wds") | "hf-datasets"`` (or any
+            registered name); ``None`` detects it.
         split: e.g. ``"test"``, ``"val2017"``; ``None`` takes the reader's default.
         difficult: VOC ``0`` labels (difficult-only): ``"ignore"`` (-1, the VOC classification
             protocol) or ``"positive"`` (1).
@@ -443,9 +578,10 @@ def open_dataset(path: Union[str, os.PathLike], format: Optional[str] = None,  #
         classes = [str(c) for c in classes]
         if not classes:
             raise DatasetError("classes=[] is empty; give the class names or leave classes out")
-    if not p.exists():
+    pattern = not p.exists() and is_brace_pattern(p)  # shards-{000..009}.tar: the reader expands it
+    if not p.exists() and not pattern:
         raise DatasetError(f"{p}: no such file or directory; give a dataset root or manifest file")
-    if not os.access(p, os.R_OK | (os.X_OK if p.is_dir() else 0)):
+    if not pattern and not os.access(p, os.R_OK | (os.X_OK if p.is_dir() else 0)):
         raise DatasetError(f"{p}: not readable; fix its permissions")
     if format is not None:
         fmt = get_format(format)
