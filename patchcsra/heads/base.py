@@ -142,7 +142,8 @@ def _layer_locations(layer: nn.Module, t: Tensor, f: Optional[Tensor] = None) ->
     map ``f`` of at least ``_CONV_MIN_ROWS`` locations in all, the same layer as a 1x1 convolution on ``f``."""
     w, bias = _affine_weights(layer)  # type: ignore[misc]
     b, n, d = t.shape
-    if f is not None and f.ndim == 4 and f.is_cpu and b * n >= _CONV_MIN_ROWS and not _tracing():
+    # the tracing test comes first, so an exported graph holds no guard on the shape test
+    if f is not None and not _tracing() and f.ndim == 4 and f.is_cpu and b * n >= _CONV_MIN_ROWS:
         return nn.functional.conv2d(f, w[:, :, None, None], bias).flatten(2)
     return nn.functional.linear(t.reshape(b * n, d), w, bias).view(b, n, -1).transpose(1, 2)
 
