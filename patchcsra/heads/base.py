@@ -36,7 +36,7 @@ from ..errors import HeadNotFoundError, PatchCSRAError
 __all__ = [
     "HeadInfo", "HeadSplit", "Adapter", "register_adapter", "list_adapters", "discover",
     "to_locations", "from_locations", "locations_to_map", "token_grid", "LAYOUTS", "validate_single_map",
-    "cyclic_permutation", "set_eval", "probe_input", "default_input_size", "allclose_logits",
+    "cyclic_permutation", "set_eval", "probe_input", "default_input_size", "allclose_logits", "sole_affine",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -114,6 +114,54 @@ def from_locations(t: Tensor, like: Tensor, layout: str, prefix: Optional[Tensor
     raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
 
 
+def _affine_weights(layer: nn.Module) -> Optional[tuple[Tensor, Optional[Tensor]]]:
+    """``(W (C, D), b (C,) or None)`` of an ``nn.Linear`` or of a 1x1, ungrouped, unpadded ``nn.Conv2d`` (what
+    that layer computes on one location), else None. Views of the layer's own parameters, read at call time."""
+    if isinstance(layer, nn.Linear):
+        return layer.weight, layer.bias
+    if (isinstance(layer, nn.Conv2d) and tuple(layer.kernel_size) == (1, 1) and layer.groups == 1
+            and not isinstance(layer.padding, str) and tuple(layer.padding) == (0, 0)):
+        return layer.weight.flatten(1), layer.bias
+    return None
+
+
+# On CPU, oneDNN's 1x1 convolution on an NCHW map beats the copy + MKL GEMM from about this many rows (B·L) on
+# (measured in benchmarks/overhead.py's notes: 1.25-1.4x faster at B=32, 7x7; slower at B <= 8)
+_CONV_MIN_ROWS = 1024
+
+
+def _tracing() -> bool:
+    """Whether this forward is being traced (TorchScript) or compiled / exported (dynamo, torch.export): the
+    shape-dependent CPU choice below stays out of graphs, which get the one F.linear."""
+    return bool(torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting())
+
+
+def _layer_locations(layer: nn.Module, t: Tensor, f: Optional[Tensor] = None) -> Tensor:
+    """Locations ``t (B, L, D)`` -> ``layer`` on each ``(B, C, L)``: one ``F.linear`` over the ``B·L`` rows
+    (``t`` of an NCHW map is a transposed view, copied once into a ``(B·L, D)`` block). On CPU, for an NCHW
+    map ``f`` of at least ``_CONV_MIN_ROWS`` locations in all, the same layer as a 1x1 convolution on ``f``."""
+    w, bias = _affine_weights(layer)  # type: ignore[misc]
+    b, n, d = t.shape
+    # the tracing test comes first, so an exported graph holds no guard on the shape test
+    if f is not None and not _tracing() and f.ndim == 4 and f.is_cpu and b * n >= _CONV_MIN_ROWS:
+        return nn.functional.conv2d(f, w[:, :, None, None], bias).flatten(2)
+    return nn.functional.linear(t.reshape(b * n, d), w, bias).view(b, n, -1).transpose(1, 2)
+
+
+def sole_affine(module: Optional[nn.Module]) -> Optional[nn.Module]:
+    """The one layer of ``module`` that holds parameters when it is an ``nn.Linear`` or a 1x1 ``nn.Conv2d``
+    (``module`` itself, or a container whose other parts are parameter-free: flatten, dropout, identity), else
+    None. Only a candidate: :func:`discover` checks that the single-location head computes exactly that layer."""
+    if not isinstance(module, nn.Module):
+        return None
+    holders = [m for m in module.modules() if any(True for _ in m.parameters(recurse=False))]
+    if len(holders) != 1 or _affine_weights(holders[0]) is None:
+        return None
+    if any(True for _ in module.buffers()):  # e.g. a frozen norm's running statistics
+        return None
+    return holders[0]
+
+
 def _square_side(n: int) -> Optional[int]:
     r = math.isqrt(n)
     return r if r * r == n else None
@@ -184,6 +232,9 @@ class HeadSplit(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.info: Optional[HeadInfo] = None
+        # (layer,) when discover() verified that forward_single IS that affine layer (see linear_head): then
+        # forward_locations runs it once on all locations; a plain tuple, so no second copy in state_dict
+        self._fast_head: tuple = ()
 
     def forward_features(self, x: Tensor) -> Tensor:  # (B, 3, H, W) -> f
         raise NotImplementedError
@@ -197,9 +248,29 @@ class HeadSplit(nn.Module):
     def head_kind(self) -> str:
         return self.pooling
 
+    def linear_head(self) -> Optional[nn.Module]:
+        """The model's own classifier layer (``nn.Linear`` or 1x1 ``nn.Conv2d``) when the single-location head
+        may be just that layer, else None (default). A candidate only: :func:`discover` turns the fast path of
+        :meth:`forward_locations` on after checking ``forward_single(v) == layer(v)`` on random features, and
+        the path is left again if the model's classifier is later replaced (``linear_head()`` is another one)."""
+        return None
+
+    @property
+    def fast_path(self) -> bool:
+        """Whether :meth:`forward_locations` runs the classifier layer once on all locations now (in eval mode,
+        after :func:`discover` verified the layer, while ``linear_head()`` is still that layer)."""
+        fast = self.__dict__.get("_fast_head", ())
+        return bool(fast) and not self.training and self.linear_head() is fast[0]
+
     def forward_locations(self, f: Tensor) -> Tensor:
-        """Per-location class scores ``s_k = head(x_k)``: f -> ``(B, C, L)``."""
+        """Per-location class scores ``s_k = head(x_k)``: f -> ``(B, C, L)``.
+
+        When the head on one location is exactly one affine layer ``W v + b`` (:attr:`fast_path`), the scores
+        are that layer applied once to the ``(B, L, D)`` locations -- one GEMM over ``B·L`` rows -- instead of
+        the model's head module called on ``B·L`` one-location maps; the values are the same matmul."""
         t = to_locations(f, self.layout, self.num_prefix_tokens)
+        if self.fast_path:
+            return _layer_locations(self._fast_head[0], t, f if self.layout == "NCHW" else None)
         b, n, d = t.shape
         s = self.forward_single(t.reshape(b * n, d))
         return s.reshape(b, n, -1).transpose(1, 2)
@@ -341,7 +412,40 @@ def _validate(split: HeadSplit, model: nn.Module, x: Tensor, y: Tensor) -> tuple
     if y.ndim != 2:
         return False, f"logits have shape {tuple(y.shape)}, expected (B, C)", {}
     reason, facts = split.validate_locations(f, base)
+    if not reason:
+        enable_fast_path(split, f)
     return (not reason), reason, facts
+
+
+def enable_fast_path(split: HeadSplit, f: Tensor) -> bool:
+    """Turn on the one-GEMM path of :meth:`HeadSplit.forward_locations` when ``split.linear_head()`` is a layer
+    that computes exactly what ``forward_single`` does -- checked on random features at two scales and on the
+    probe's features ``f`` (same values as the module path, to ``1e-5``) -- else leave it off. Splits that
+    override ``forward_locations`` (multi-branch, positional attention pooling) keep their own."""
+    split._fast_head = ()
+    if split.multi_branch or type(split).forward_locations is not HeadSplit.forward_locations:
+        return False
+    layer = split.linear_head()
+    wb = _affine_weights(layer) if isinstance(layer, nn.Module) else None
+    if wb is None or not isinstance(f, Tensor):
+        return False
+    t = to_locations(f, split.layout, split.num_prefix_tokens)
+    if t.ndim != 3 or t.shape[-1] != wb[0].shape[1]:
+        return False
+    g = torch.Generator().manual_seed(3)
+    scale = max(float(t.float().std()), 1.0)
+    for k in (1.0, 100.0):
+        v = (torch.randn((8, t.shape[-1]), generator=g) * (k * scale)).to(t.dtype)
+        if not allclose_logits(nn.functional.linear(v, *wb), split.forward_single(v)):
+            return False
+    if not allclose_logits(_layer_locations(layer, t), split.forward_locations(f)):
+        return False
+    if split.layout == "NCHW" and f.is_cpu:  # the 1x1-convolution form too, on enough copies of the probe
+        big = f.repeat(-(-_CONV_MIN_ROWS // max(1, t.shape[0] * t.shape[1])), 1, 1, 1)
+        if not allclose_logits(_layer_locations(layer, to_locations(big, "NCHW"), big), split.forward_locations(big)):
+            return False
+    split._fast_head = (layer,)
+    return True
 
 
 def cyclic_permutation(n: int, generator: torch.Generator) -> Tensor:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import HeadNotFoundError
-from .base import HeadSplit, register_adapter
+from .base import HeadSplit, register_adapter, sole_affine
 
 __all__ = ["GraphSplit", "trace_graph", "split_graph"]
 
@@ -274,6 +274,9 @@ class GraphSplit(HeadSplit):
         else:
             z = v.reshape((v.shape[0],) + self.pooled_shape[1:])
         return self.post(z)
+
+    def linear_head(self) -> Optional[nn.Module]:
+        return sole_affine(self.post)
 
     def head_kind(self) -> str:
         return self._kind

@@ -18,7 +18,7 @@ nothing more. Multi-branch models: :mod:`patchcsra.heads.timm_multi`.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -73,6 +73,14 @@ class TimmSplit(HeadSplit):
 
     def forward_single(self, v: Tensor) -> Tensor:
         return self.model.forward_head(constant_features(v, self.layout, self.num_prefix_tokens))
+
+    def linear_head(self) -> Optional[nn.Module]:
+        """timm's ``get_classifier()`` (checked by discovery before the fast path is used)."""
+        try:
+            clf = self.model.get_classifier()
+        except Exception:  # noqa: BLE001
+            return None
+        return clf if isinstance(clf, nn.Module) else None
 
     def head_kind(self) -> str:
         parts = [self.pooling]

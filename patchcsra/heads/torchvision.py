@@ -9,12 +9,12 @@ generic graph adapter in :mod:`patchcsra.heads.fx`.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor, nn
 
-from .base import HeadSplit, is_instance_of, register_adapter
+from .base import HeadSplit, is_instance_of, register_adapter, sole_affine
 
 __all__ = ["TorchvisionViTSplit"]
 
@@ -43,6 +43,9 @@ class TorchvisionViTSplit(HeadSplit):
 
     def forward_single(self, v: Tensor) -> Tensor:
         return self.model.heads(v)
+
+    def linear_head(self) -> Optional[nn.Module]:
+        return sole_affine(self.model.heads)
 
     def head_kind(self) -> str:
         return "token+" + "+".join(type(m).__name__ for m in self.model.heads.children())
