@@ -18,11 +18,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from . import blocked as B
 from . import metrics as M
 from .errors import PatchCSRAError
 from .options import DEFAULT_LAMS, SweepOptions, split_options
 from .patcher import temperature_json
 from .stats import Stats
+from .store import SparseStats
 
 __all__ = ["DEFAULT_LAMS", "Choice", "SweepResult", "evaluate_grid", "sweep", "primary_metric", "check_finite",
            "comparator_scores", "MULTI_HEAD_TEMPERATURES"]
@@ -86,8 +88,11 @@ def primary_metric(stats: Stats) -> str:
 def check_finite(stats: Stats, model: Optional[str] = None) -> None:
     """Refuse NaN/inf logits on readable images, naming the model (when given), how many and which."""
     rows = stats.ok
-    att = stats.att.numpy()
-    bad = ~(np.isfinite(stats.base.numpy()).all(1) & np.isfinite(att.reshape(att.shape[0], -1)).all(1)) & rows
+    if B.use_blocked(stats):
+        bad = ~B.scan(stats, rows, finite=True)["finite"] & rows
+    else:
+        att = stats.att.numpy()
+        bad = ~(np.isfinite(stats.base.numpy()).all(1) & np.isfinite(att.reshape(att.shape[0], -1)).all(1)) & rows
     if bad.any():
         ids = [stats.ids[i] for i in np.flatnonzero(bad)[:5]]
         who = "the model" if model is None else f"the model {model}"
@@ -108,7 +113,13 @@ def _metrics(stats: Stats, scores: torch.Tensor, rows: np.ndarray, top_k: int,
 
 def _primary(stats: Stats, metric: str, top_k: int, proto: Any = None,
              score_kind: str = "logit") -> Callable[[torch.Tensor, np.ndarray, Optional[np.ndarray]], Any]:
-    """A fast ``f(scores, rows, weight) -> value`` for the selection metric only."""
+    """A fast ``f(scores, rows, weight) -> value`` for the selection metric only (``scores`` a tensor, or a lazy
+    :class:`patchcsra.blocked.Scores` for stats evaluated in blocks)."""
+    if B.use_blocked(stats):
+        only = "mAP" if metric == "mAP" else (metric if metric in ("top1", "top5") and stats.single_label else None)
+        cache: dict = {}
+        return lambda s, rows, w=None: B.blocked_metrics(stats, s, rows, proto, score_kind, top_k, w, only,
+                                                         cache=cache)[metric]
     if metric == "mAP":
         return lambda s, rows, w=None: M.protocol_metrics(s.numpy()[rows], stats.targets[rows], proto,
                                                           sample_weight=w, only="mAP")["mAP"]
@@ -137,6 +148,11 @@ def evaluate_grid(stats: Stats, lams: Sequence[float] = DEFAULT_LAMS, temperatur
         rows: optional ``(N,)`` bool mask of images to score (default: all readable images).
         protocol: a metric protocol name (:data:`patchcsra.protocols.PROTOCOLS`, default ``patchcsra``).
         scores: ``logit`` or ``prob`` (thresholds on the sigmoid, or on the scores themselves).
+
+    Store-backed stats (:func:`patchcsra.store.open_stats`) and stats of more than
+    :data:`patchcsra.blocked.BLOCKED_MIN_ENTRIES` entries are evaluated in blocks of classes (the same values, peak
+    memory ``O(N x block)``); :class:`~patchcsra.store.SparseStats` gives mAP and the threshold P/R/F1 over the
+    labelled entries only (no top-k columns: a row's ranking needs every class).
     """
     opts = SweepOptions(lams=tuple(lams), temperatures=tuple(temperatures))  # checked here, once
     proto, kind = _resolve_protocol(stats, protocol, scores)[:2]
@@ -146,6 +162,14 @@ def evaluate_grid(stats: Stats, lams: Sequence[float] = DEFAULT_LAMS, temperatur
 def _evaluate(stats: Stats, grid: Sequence[tuple[float, float]], top_k: int,
               rows: Optional[np.ndarray], proto: Any = None, score_kind: str = "logit") -> pd.DataFrame:
     mask = stats.ok if rows is None else (rows & stats.ok)
+    if isinstance(stats, SparseStats):
+        return pd.DataFrame([{"lam": lam, "temperature": t, **B.sparse_metrics(stats, lam, t, mask, proto, score_kind)}
+                             for lam, t in grid])
+    if B.use_blocked(stats):
+        cache: dict = {}
+        return pd.DataFrame([{"lam": lam, "temperature": t,
+                              **B.blocked_metrics(stats, B.Scores("lam", lam, t), mask, proto, score_kind, top_k,
+                                                  cache=cache)} for lam, t in grid])
     out = [{"lam": lam, "temperature": t, **_metrics(stats, stats.scores(lam, t), mask, top_k, None, proto,
                                                      score_kind)} for lam, t in grid]
     return pd.DataFrame(out)
@@ -188,6 +212,9 @@ def sweep(stats: Stats, *, options: Optional[SweepOptions] = None, top_k: int = 
             decides how the test-time-pooling comparator is labelled (:func:`comparator_scores`).
     """
     opts = split_options(option_kwargs, sweep=options, allowed=(SweepOptions,))[2]
+    if isinstance(stats, SparseStats):
+        raise PatchCSRAError("sweep needs dense statistics (CV, bootstrap and comparators read whole rows); "
+                             "evaluate sparse statistics with patchcsra.grid.evaluate_grid")
     check_finite(stats, model)
     rows = stats.ok.copy()
     if not rows.any():
@@ -195,6 +222,13 @@ def sweep(stats: Stats, *, options: Optional[SweepOptions] = None, top_k: int = 
     metric = opts.metric or primary_metric(stats)
     fixed_lam = 0.2 if opts.fixed_lam is None else opts.fixed_lam
     folds, bootstrap, seed = opts.folds, opts.bootstrap, opts.seed
+    resampling_note = ""
+    if _too_large_to_resample(stats) and ((folds and folds > 1) or (bootstrap and bootstrap > 0)):
+        resampling_note = (f"bootstrap intervals, the curve band and λ by CV were not computed: "
+                           f"{len(stats):,} images x {stats.base.shape[1]:,} classes is above "
+                           f"{RESAMPLE_MAX_ENTRIES:,} entries (each resample is a pass over the statistics)")
+        _logger.warning("%s", resampling_note)
+        folds, bootstrap = 0, 0
     lam_set = sorted(set(opts.lams) | {0.0, fixed_lam})
     temps = sorted(set(opts.temperatures) | {math.inf}, key=lambda t: (math.isinf(t), t))
     proto, kind, scores_info = _resolve_protocol(stats, protocol, scores, rows)
@@ -217,11 +251,30 @@ def sweep(stats: Stats, *, options: Optional[SweepOptions] = None, top_k: int = 
     settings = {"lams": lam_set, "temperatures": [temperature_json(t) for t in temps], "fixed_lam": fixed_lam,
                 "metric": metric, "folds": int(folds), "bootstrap": int(bootstrap), "seed": int(seed),
                 "top_k": int(top_k), "threshold": proto.threshold, **scores_info}
+    if resampling_note:
+        settings["resampling_note"] = resampling_note
+    if B.use_blocked(stats):
+        settings["evaluated_in_blocks"] = True
     comps = _comparators(stats, rows, baseline[metric], fixed_lam, _primary(stats, metric, top_k, proto, kind),
                          bootstrap, seed, exact_linear, weights)
     band = _band(stats, rows, grid, oracle[1], _primary(stats, metric, top_k, proto, kind), bootstrap, seed, weights)
     return SweepResult(frame=frame, metric=metric, baseline=baseline, choices=choices, stats=stats,
                        per_class=per_class, settings=settings, comparators=comps, band=band)
+
+
+#: (image, class) entries above which a sweep skips its bootstrap intervals, curve band and CV (one warning,
+#: recorded in ``settings.resampling_note`` and under the table): each resample or fold is a pass over the stats,
+#: and ``(R, N)`` bootstrap weights alone outgrow memory (1,000 x 1.28M int32 = 5 GB)
+RESAMPLE_MAX_ENTRIES = B.BLOCKED_MIN_ENTRIES
+
+
+def _too_large_to_resample(stats: Stats) -> bool:
+    return B.use_blocked(stats) and len(stats) * int(stats.base.shape[1]) > RESAMPLE_MAX_ENTRIES
+
+
+def _sc(stats: Stats, lam: float, t: float = math.inf) -> Any:
+    """``stats.scores(lam, t)``, or its lazy :class:`patchcsra.blocked.Scores` for stats evaluated in blocks."""
+    return B.Scores("lam", float(lam), float(t)) if B.use_blocked(stats) else stats.scores(lam, t)
 
 
 #: most grid points that get a bootstrap band on the curve (else: the oracle's T only)
@@ -258,7 +311,7 @@ def _band(stats: Stats, rows: np.ndarray, grid: list[tuple[float, float]], best_
         lams = sorted({lam for lam, tt in grid if tt == t})
         lo, hi = [], []
         for lam in lams:
-            v = np.asarray(primary(stats.scores(lam, t), rows, w), dtype=np.float64)
+            v = np.asarray(primary(_sc(stats, lam, t), rows, w), dtype=np.float64)
             a, b = np.nanpercentile(v, [2.5, 97.5])
             lo.append(float(a))
             hi.append(float(b))
@@ -294,13 +347,24 @@ def comparator_scores(stats: Stats, fixed_lam: float) -> dict[str, torch.Tensor]
     return out
 
 
+def _comparator_specs(stats: Stats, fixed_lam: float) -> dict[str, B.Scores]:
+    """:func:`comparator_scores` as lazy :class:`patchcsra.blocked.Scores` (same names, order and arithmetic)."""
+    out = {"ttp": B.Scores("ttp")}
+    have = set(stats.temperatures) | {math.inf}
+    if all(t in have for t in MULTI_HEAD_TEMPERATURES):
+        out["multihead"] = B.Scores("multihead", float(fixed_lam), temps=MULTI_HEAD_TEMPERATURES)
+    if B.avgmax_finite(stats, stats.ok):
+        out["avgmax"] = B.Scores("avgmax")
+    return out
+
+
 def _comparators(stats: Stats, rows: np.ndarray, b0: float, fixed_lam: float, primary, bootstrap: int, seed: int,
                  exact_linear: Optional[bool], weights: Optional[np.ndarray] = None) -> dict[str, Choice]:
     """:func:`comparator_scores` as :class:`Choice` rows, each Δ with the same paired bootstrap as the λ choices
     (same resamples: same ``seed``; ``weights`` when the caller drew them already)."""
     w = weights if weights is not None else \
         M.bootstrap_weights(int(rows.sum()), int(bootstrap), seed) if bootstrap and bootstrap > 0 else None
-    base_boot = np.asarray(primary(stats.base, rows, w)) if w is not None else None
+    base_boot = np.asarray(primary(_sc(stats, 0.0), rows, w)) if w is not None else None
     exact = {True: "exact: the head is linear, so avg_k s_k is the model's own logit",
              False: "approximate: the head is not linear, the model's logit stands in for avg_k s_k",
              None: "exact only for a linear head (HeadInfo.exact_linear; not given here)"}[
@@ -310,7 +374,8 @@ def _comparators(stats: Stats, rows: np.ndarray, b0: float, fixed_lam: float, pr
              "avgmax": "feature avg+max pooling, then the model's head: head(0.5*(mean_k x_k + max_k x_k)) "
                        "(timm SelectAdaptivePool2d(pool_type='avgmax') before the classifier)"}
     out = {}
-    for name, s in comparator_scores(stats, fixed_lam).items():
+    comps = _comparator_specs(stats, fixed_lam) if B.use_blocked(stats) else comparator_scores(stats, fixed_lam)
+    for name, s in comps.items():
         score = float(primary(s, rows, None))
         ci = (math.nan, math.nan)
         if w is not None:
@@ -326,12 +391,14 @@ def _resolve_protocol(stats: Stats, protocol: Any, scores: str, rows: Optional[n
     on the baseline scores, one warning line when they look like probabilities) and what goes to
     ``summary.json``: ``protocol``, ``conventions``, ``conventions_text``, ``scores``, ``scores_note``,
     ``threshold_metrics`` (``meaningful: false`` when > 50% of (image, class) pairs pass the threshold)."""
-    from .protocols import SCORE_KINDS, conventions_text, get_protocol
+    from .protocols import SCORE_KINDS, get_protocol
 
     proto = get_protocol(protocol, "protocol")
     if scores not in SCORE_KINDS:
         raise PatchCSRAError(f"scores={scores!r}; choose one of {', '.join(SCORE_KINDS)}")
     mask = stats.ok if rows is None else rows
+    if isinstance(stats, SparseStats) or B.use_blocked(stats):
+        return _resolve_protocol_blocked(stats, proto, scores, mask)
     base = stats.base.numpy()[mask]
     probs = M.looks_like_probabilities(base) if base.size else False
     kind = ("prob" if probs else "logit") if scores == "auto" else scores
@@ -343,11 +410,40 @@ def _resolve_protocol(stats: Stats, protocol: Any, scores: str, rows: Optional[n
         _logger.warning("scores look like probabilities (all in [0, 1]); %s", note.split("; ", 1)[1])
     th = M.threshold_note(M.positive_rate(base, proto.threshold, kind), proto.threshold, kind) \
         if base.size and not stats.single_label else {"meaningful": True, "positive_rate": math.nan, "note": ""}
+    return _protocol_record(proto, kind, scores, probs, note, th)
+
+
+def _protocol_record(proto: Any, kind: str, scores: str, probs: bool, note: str, th: dict):
+    from .protocols import conventions_text
+
     if th["note"]:
         _logger.warning("%s", th["note"])
     return proto, kind, {"protocol": proto.name, "conventions": proto.conventions(),
                          "conventions_text": conventions_text(proto, kind), "scores": kind, "scores_requested": scores,
                          "scores_look_like_probabilities": probs, "scores_note": note, "threshold_metrics": th}
+
+
+def _resolve_protocol_blocked(stats: Any, proto: Any, scores: str, mask: np.ndarray):
+    """:func:`_resolve_protocol` from one pass over blocks of ``base`` (sparse stats: over the labelled entries)."""
+    cuts = (M._cut(proto.threshold, "logit"), M._cut(proto.threshold, "prob"))
+    if isinstance(stats, SparseStats):
+        b = stats.base[np.asarray(mask, bool)[stats.rows]]
+        f = {"size": b.size, "min": float(b.min()) if b.size else 0.0, "max": float(b.max()) if b.size else 0.0,
+             "above": [int(np.count_nonzero(b >= c)) for c in cuts]}
+    else:
+        f = B.scan(stats, mask, cuts)
+    probs = bool(f["size"] and f["min"] >= 0.0 and f["max"] <= 1.0 and f["min"] < f["max"])
+    kind = ("prob" if probs else "logit") if scores == "auto" else scores
+    note = ""
+    if probs:
+        note = ("every baseline score is in [0, 1]: probabilities, not logits; "
+                + ("thresholds are applied to them directly" if kind == "prob"
+                   else "thresholds are applied to their sigmoid as asked (scores=logit): threshold metrics are off"))
+        _logger.warning("scores look like probabilities (all in [0, 1]); %s", note.split("; ", 1)[1])
+    rate = f["above"][0 if kind == "logit" else 1] / max(1, f["size"])
+    th = M.threshold_note(rate, proto.threshold, kind) if f["size"] and not stats.single_label \
+        else {"meaningful": True, "positive_rate": math.nan, "note": ""}
+    return _protocol_record(proto, kind, scores, probs, note, th)
 
 
 def _choices(stats: Stats, rows: np.ndarray, grid: list[tuple[float, float]], b0: float,
@@ -362,7 +458,7 @@ def _choices(stats: Stats, rows: np.ndarray, grid: list[tuple[float, float]], b0
             cv = _cross_validate(stats, grid, rows, k, seed, primary, int(bootstrap))
     w = weights if weights is not None else \
         M.bootstrap_weights(int(rows.sum()), int(bootstrap), seed) if bootstrap and bootstrap > 0 else None
-    base_boot = primary(stats.base, rows, w) if w is not None else None
+    base_boot = primary(_sc(stats, 0.0), rows, w) if w is not None else None
 
     def ci(scores: torch.Tensor) -> tuple[float, float]:
         if w is None:
@@ -373,9 +469,9 @@ def _choices(stats: Stats, rows: np.ndarray, grid: list[tuple[float, float]], b0
 
     choices = {
         "oracle": Choice("oracle", oracle[0], oracle[1], oracle[2], oracle[2] - b0,
-                         ci(stats.scores(oracle[0], oracle[1])),
+                         ci(_sc(stats, oracle[0], oracle[1])),
                          note="best grid point on the evaluation images themselves (optimistic)"),
-        "fixed": Choice("fixed", fixed[0], fixed[1], fixed[2], fixed[2] - b0, ci(stats.scores(fixed[0], math.inf)),
+        "fixed": Choice("fixed", fixed[0], fixed[1], fixed[2], fixed[2] - b0, ci(_sc(stats, fixed[0], math.inf)),
                         note="paper's fixed λ at T=inf: 0.02 for ResNets, 0.2 otherwise"),
     }
     if cv is not None:
@@ -399,16 +495,16 @@ def _cross_validate(stats: Stats, grid: list[tuple[float, float]], rows: np.ndar
     for f, fold in enumerate(_folds(rows, k, seed)):
         train = rows.copy()
         train[fold] = False
-        vals = [primary(stats.scores(lam, t), train, None) for lam, t in grid]
+        vals = [primary(_sc(stats, lam, t), train, None) for lam, t in grid]
         lam, t = grid[_argbest(vals, grid)]
         per_fold.append((lam, t))
         test = np.zeros_like(rows)
         test[fold] = True
-        chosen = stats.scores(lam, t)
-        deltas.append(float(primary(chosen, test, None)) - float(primary(stats.base, test, None)))
+        chosen, base = _sc(stats, lam, t), _sc(stats, 0.0)
+        deltas.append(float(primary(chosen, test, None)) - float(primary(base, test, None)))
         if reps > 0:
             w = M.bootstrap_weights(len(fold), reps, seed + 1 + f)
-            boots.append(np.asarray(primary(chosen, test, w)) - np.asarray(primary(stats.base, test, w)))
+            boots.append(np.asarray(primary(chosen, test, w)) - np.asarray(primary(base, test, w)))
     ci = (math.nan, math.nan)
     if boots:
         lo, hi = np.nanpercentile(np.mean(boots, axis=0), [2.5, 97.5])
@@ -425,6 +521,13 @@ def _per_class(stats: Stats, rows: np.ndarray, lam: float, t: float, fixed_lam: 
     per class."""
     if stats.single_label:
         return pd.DataFrame({"class": list(stats.classes)})
+    if B.use_blocked(stats):
+        pos, ign = B.target_counts(stats, rows)
+        cols = {"class": list(stats.classes), "positives": pos, "ignored": ign}
+        for name, spec in (("AP_baseline", B.Scores("lam")), ("AP_oracle", B.Scores("lam", float(lam), float(t))),
+                           ("AP_fixed", B.Scores("lam", float(fixed_lam)))):
+            cols[name] = B.per_class_ap(stats, spec, rows, proto)
+        return pd.DataFrame(cols)
     tg = stats.targets[rows]
     cols = {"class": list(stats.classes), "positives": (tg == 1).sum(0), "ignored": (tg == -1).sum(0)}
     for name, s in (("AP_baseline", stats.base), ("AP_oracle", stats.scores(lam, t)),

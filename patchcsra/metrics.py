@@ -625,7 +625,12 @@ def _protocol_prf(pred: np.ndarray, t: np.ndarray, w: Optional[np.ndarray], p: A
     """CP, CR, CF1, OP, OR, OF1 ``(R,)`` in percent from ``(N, C)`` bool predictions under protocol ``p``."""
     if p.ignored == "negative":
         t = np.where(t < 0, 0, t).astype(np.int8)
-    tp, npred, npos = _counts(pred, t, w)
+    return _prf_from_counts(*_counts(pred, t, w), p)
+
+
+def _prf_from_counts(tp: np.ndarray, npred: np.ndarray, npos: np.ndarray, p: Any) -> dict[str, np.ndarray]:
+    """CP, CR, CF1, OP, OR, OF1 ``(R,)`` in percent from per-class ``(R, C)`` weight totals (:func:`_counts`): the
+    class blocks of :mod:`patchcsra.blocked` meet here, so a blocked evaluation equals the in-memory one."""
     has_pos = npos > 0
     prec, rec = _safe_div(tp, npred, 0.0), _safe_div(tp, npos, 0.0)
     cp = 100.0 * _empty_mean(prec, has_pos, p.empty_classes)
@@ -728,6 +733,8 @@ def table_footer(summary: dict) -> list[str]:
     th = st.get("threshold_metrics") or {}
     if th.get("note"):
         lines.append(th["note"])
+    if st.get("resampling_note"):
+        lines.append(st["resampling_note"])
     if "cv" in (summary.get("choices") or {}):
         lines.append(CV_NOTE)
     cap = [line[:1].upper() + line[1:] if line[:1].isascii() else line for line in lines]   # not λ -> Λ

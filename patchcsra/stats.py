@@ -76,6 +76,9 @@ class Stats:
     single_label: bool
     meta: dict = field(default_factory=dict)
     avgmax: Optional[Tensor] = None
+    #: the :class:`patchcsra.store.DenseStore` these arrays are memory-mapped from (:func:`patchcsra.store.open_stats`),
+    #: or None for statistics in RAM; a store-backed Stats is evaluated in blocks of classes (:mod:`patchcsra.blocked`)
+    store: Optional[Any] = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return int(self.base.shape[0])
