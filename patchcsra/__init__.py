@@ -24,8 +24,7 @@ _API = {
     "train_head": "training.loop", "TrainConfig": "training.loop", "attach_head": "training.attach",
     "CSRAHead": "training.heads", "AttentionPoolHead": "training.heads",
     "PatchCSRAError": "errors", "SourceError": "errors", "TrustError": "errors", "HeadNotFoundError": "errors",
-    "DatasetError": "errors", "save_stats": "store", "open_stats": "store", "StatsWriter": "store",
-    "to_sparse": "store",
+    "DatasetError": "errors",
 }
 
 __all__ = ["__version__", *_API]
@@ -39,7 +38,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load lazily
     from .patcher import describe, patch, residual_attention  # noqa: F401
     from .sources import load  # noqa: F401
     from .stats import collect  # noqa: F401
-    from .store import StatsWriter, open_stats, save_stats, to_sparse  # noqa: F401
     from .training import TrainConfig, train_head  # noqa: F401
 
 
