@@ -256,8 +256,8 @@ def sweep(stats: Stats, *, options: Optional[SweepOptions] = None, top_k: int = 
     if B.use_blocked(stats):
         settings["evaluated_in_blocks"] = True
     comps = _comparators(stats, rows, baseline[metric], fixed_lam, _primary(stats, metric, top_k, proto, kind),
-                         bootstrap, seed, exact_linear, weights)
-    band = _band(stats, rows, grid, oracle[1], _primary(stats, metric, top_k, proto, kind), bootstrap, seed, weights)
+                         exact_linear, weights)
+    band = _band(stats, rows, grid, oracle[1], _primary(stats, metric, top_k, proto, kind), weights)
     return SweepResult(frame=frame, metric=metric, baseline=baseline, choices=choices, stats=stats,
                        per_class=per_class, settings=settings, comparators=comps, band=band)
 
@@ -287,14 +287,14 @@ BAND_BUDGET = 2 ** 32
 BAND_MIN_RESAMPLES = 50
 
 
-def _band(stats: Stats, rows: np.ndarray, grid: list[tuple[float, float]], best_t: float, primary, bootstrap: int,
-          seed: int, weights: Optional[np.ndarray] = None) -> dict[str, Any]:
+def _band(stats: Stats, rows: np.ndarray, grid: list[tuple[float, float]], best_t: float, primary,
+          weights: Optional[np.ndarray]) -> dict[str, Any]:
     """Percentile 95% band of the selection metric at each λ of every T (or of the oracle's T alone when the grid
     has more than :data:`BAND_MAX_POINTS` points or would cost more than :data:`BAND_BUDGET`), from
-    ``min(bootstrap, BAND_RESAMPLES)`` paired resamples, fewer where the budget asks (none below
-    :data:`BAND_MIN_RESAMPLES`: ``{}``). ``weights``: the sweep's ``bootstrap_weights(N, bootstrap, seed)``, whose
+    ``min(R, BAND_RESAMPLES)`` paired resamples, fewer where the budget asks (none below
+    :data:`BAND_MIN_RESAMPLES`: ``{}``). ``weights``: the sweep's ``(R, N)`` ``bootstrap_weights`` (None: off), whose
     first rows are the band's resamples (each row is drawn after the ones before it)."""
-    reps = min(int(bootstrap or 0), BAND_RESAMPLES)
+    reps = min(0 if weights is None else len(weights), BAND_RESAMPLES)
     if reps <= 0:
         return {}
     ts = sorted({t for _, t in grid}, key=lambda t: (math.isinf(t), t))
@@ -305,7 +305,7 @@ def _band(stats: Stats, rows: np.ndarray, grid: list[tuple[float, float]], best_
     reps = min(reps, BAND_BUDGET // max(1, points * size))  # fewer resamples on a large set (COCO: ~60)
     if reps < BAND_MIN_RESAMPLES:
         return {}
-    w = weights[:reps] if weights is not None and len(weights) >= reps else M.bootstrap_weights(int(rows.sum()), reps, seed)
+    w = weights[:reps]  # type: ignore[index]
     curves = []
     for t in ts:
         lams = sorted({lam for lam, tt in grid if tt == t})
@@ -358,12 +358,10 @@ def _comparator_specs(stats: Stats, fixed_lam: float) -> dict[str, B.Scores]:
     return out
 
 
-def _comparators(stats: Stats, rows: np.ndarray, b0: float, fixed_lam: float, primary, bootstrap: int, seed: int,
-                 exact_linear: Optional[bool], weights: Optional[np.ndarray] = None) -> dict[str, Choice]:
-    """:func:`comparator_scores` as :class:`Choice` rows, each Δ with the same paired bootstrap as the λ choices
-    (same resamples: same ``seed``; ``weights`` when the caller drew them already)."""
-    w = weights if weights is not None else \
-        M.bootstrap_weights(int(rows.sum()), int(bootstrap), seed) if bootstrap and bootstrap > 0 else None
+def _comparators(stats: Stats, rows: np.ndarray, b0: float, fixed_lam: float, primary, exact_linear: Optional[bool],
+                 w: Optional[np.ndarray]) -> dict[str, Choice]:
+    """:func:`comparator_scores` as :class:`Choice` rows, each Δ with the same paired bootstrap resamples ``w``
+    ``(R, N)`` as the λ choices (None: no intervals)."""
     base_boot = np.asarray(primary(_sc(stats, 0.0), rows, w)) if w is not None else None
     exact = {True: "exact: the head is linear, so avg_k s_k is the model's own logit",
              False: "approximate: the head is not linear, the model's logit stands in for avg_k s_k",
@@ -391,16 +389,14 @@ def _resolve_protocol(stats: Stats, protocol: Any, scores: str, rows: Optional[n
     on the baseline scores, one warning line when they look like probabilities) and what goes to
     ``summary.json``: ``protocol``, ``conventions``, ``conventions_text``, ``scores``, ``scores_note``,
     ``threshold_metrics`` (``meaningful: false`` when > 50% of (image, class) pairs pass the threshold)."""
-    from .protocols import SCORE_KINDS, get_protocol
+    from .protocols import SCORE_KINDS, conventions_text, get_protocol
 
     proto = get_protocol(protocol, "protocol")
     if scores not in SCORE_KINDS:
         raise PatchCSRAError(f"scores={scores!r}; choose one of {', '.join(SCORE_KINDS)}")
     mask = stats.ok if rows is None else rows
-    if isinstance(stats, SparseStats) or B.use_blocked(stats):
-        return _resolve_protocol_blocked(stats, proto, scores, mask)
-    base = stats.base.numpy()[mask]
-    probs = M.looks_like_probabilities(base) if base.size else False
+    f = _baseline_facts(stats, mask, (M._cut(proto.threshold, "logit"), M._cut(proto.threshold, "prob")))
+    probs = bool(f["size"] and f["min"] >= 0.0 and f["max"] <= 1.0 and f["min"] < f["max"])  # looks_like_probabilities
     kind = ("prob" if probs else "logit") if scores == "auto" else scores
     note = ""
     if probs:
@@ -408,14 +404,9 @@ def _resolve_protocol(stats: Stats, protocol: Any, scores: str, rows: Optional[n
                 + ("thresholds are applied to them directly" if kind == "prob"
                    else "thresholds are applied to their sigmoid as asked (scores=logit): threshold metrics are off"))
         _logger.warning("scores look like probabilities (all in [0, 1]); %s", note.split("; ", 1)[1])
-    th = M.threshold_note(M.positive_rate(base, proto.threshold, kind), proto.threshold, kind) \
-        if base.size and not stats.single_label else {"meaningful": True, "positive_rate": math.nan, "note": ""}
-    return _protocol_record(proto, kind, scores, probs, note, th)
-
-
-def _protocol_record(proto: Any, kind: str, scores: str, probs: bool, note: str, th: dict):
-    from .protocols import conventions_text
-
+    rate = f["above"][0 if kind == "logit" else 1] / max(1, f["size"])  # positive_rate at the kind's cut
+    th = M.threshold_note(rate, proto.threshold, kind) if f["size"] and not stats.single_label \
+        else {"meaningful": True, "positive_rate": math.nan, "note": ""}
     if th["note"]:
         _logger.warning("%s", th["note"])
     return proto, kind, {"protocol": proto.name, "conventions": proto.conventions(),
@@ -423,41 +414,29 @@ def _protocol_record(proto: Any, kind: str, scores: str, probs: bool, note: str,
                          "scores_look_like_probabilities": probs, "scores_note": note, "threshold_metrics": th}
 
 
-def _resolve_protocol_blocked(stats: Any, proto: Any, scores: str, mask: np.ndarray):
-    """:func:`_resolve_protocol` from one pass over blocks of ``base`` (sparse stats: over the labelled entries)."""
-    cuts = (M._cut(proto.threshold, "logit"), M._cut(proto.threshold, "prob"))
+def _baseline_facts(stats: Any, mask: np.ndarray, cuts: Sequence[float]) -> dict[str, Any]:
+    """``size``, ``min``, ``max`` of the baseline scores on ``mask`` and how many are ``>=`` each of ``cuts``: from
+    memory, from one pass over blocks of a store, or over the labelled entries of sparse stats."""
     if isinstance(stats, SparseStats):
         b = stats.base[np.asarray(mask, bool)[stats.rows]]
-        f = {"size": b.size, "min": float(b.min()) if b.size else 0.0, "max": float(b.max()) if b.size else 0.0,
-             "above": [int(np.count_nonzero(b >= c)) for c in cuts]}
+    elif B.use_blocked(stats):
+        return B.scan(stats, mask, cuts)
     else:
-        f = B.scan(stats, mask, cuts)
-    probs = bool(f["size"] and f["min"] >= 0.0 and f["max"] <= 1.0 and f["min"] < f["max"])
-    kind = ("prob" if probs else "logit") if scores == "auto" else scores
-    note = ""
-    if probs:
-        note = ("every baseline score is in [0, 1]: probabilities, not logits; "
-                + ("thresholds are applied to them directly" if kind == "prob"
-                   else "thresholds are applied to their sigmoid as asked (scores=logit): threshold metrics are off"))
-        _logger.warning("scores look like probabilities (all in [0, 1]); %s", note.split("; ", 1)[1])
-    rate = f["above"][0 if kind == "logit" else 1] / max(1, f["size"])
-    th = M.threshold_note(rate, proto.threshold, kind) if f["size"] and not stats.single_label \
-        else {"meaningful": True, "positive_rate": math.nan, "note": ""}
-    return _protocol_record(proto, kind, scores, probs, note, th)
+        b = stats.base.numpy()[mask]
+    return {"size": b.size, "min": float(b.min()) if b.size else 0.0, "max": float(b.max()) if b.size else 0.0,
+            "above": [int(np.count_nonzero(b >= c)) for c in cuts]}
 
 
 def _choices(stats: Stats, rows: np.ndarray, grid: list[tuple[float, float]], b0: float,
              oracle: tuple[float, float, float], fixed: tuple[float, float, float], primary, folds: int,
-             bootstrap: int, seed: int, weights: Optional[np.ndarray] = None) -> dict[str, Choice]:
-    """The oracle, fixed and (``folds > 1``) cross-validated choices, each with its paired bootstrap CI
-    (``weights``: the resamples, when the caller drew them already)."""
+             bootstrap: int, seed: int, w: Optional[np.ndarray]) -> dict[str, Choice]:
+    """The oracle, fixed and (``folds > 1``) cross-validated choices, each with its paired bootstrap CI from the
+    resamples ``w`` ``(R, N)`` (None: no intervals); the CV draws its own per fold."""
     cv = None
     if folds and folds > 1:
         k = min(int(folds), int(rows.sum()))
         if k >= 2:
             cv = _cross_validate(stats, grid, rows, k, seed, primary, int(bootstrap))
-    w = weights if weights is not None else \
-        M.bootstrap_weights(int(rows.sum()), int(bootstrap), seed) if bootstrap and bootstrap > 0 else None
     base_boot = primary(_sc(stats, 0.0), rows, w) if w is not None else None
 
     def ci(scores: torch.Tensor) -> tuple[float, float]:
