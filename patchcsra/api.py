@@ -76,12 +76,14 @@ class SweepRun:
     def stats(self) -> Stats:
         return self.result.stats
 
-    def write(self, out_dir: Union[str, Path], *, force: bool = False, formats: Sequence[str] = ("png",)) -> Path:
+    def write(self, out_dir: Union[str, Path], *, force: bool = False, formats: Sequence[str] = ("png",),
+              plotter: Any = None) -> Path:
         """``results.csv``, ``per_class.csv``, ``summary.json``, ``table.md``, ``table.tex``, ``curve.png`` (and
-        ``curve.pdf`` / ``curve.svg`` when in ``formats``)."""
+        ``curve.pdf`` / ``curve.svg`` when in ``formats``); ``plotter``: a started
+        :class:`~patchcsra.plot_worker.PlotWorker` that draws the curve in parallel (None: in this process)."""
         from .report import write_run
 
-        return write_run(self.result, out_dir, self.summary, force=force, formats=formats)
+        return write_run(self.result, out_dir, self.summary, force=force, formats=formats, plotter=plotter)
 
 
 def _model_name(source: Union[str, os.PathLike, nn.Module, ModelSource]) -> str:

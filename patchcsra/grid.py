@@ -125,8 +125,12 @@ def _primary(stats: Stats, metric: str, top_k: int, proto: Any = None,
                                                           sample_weight=w, only="mAP")["mAP"]
     if metric in ("top1", "top5") and stats.single_label:
         k = int(metric[3:])
-        return lambda s, rows, w=None: M.topk_accuracy(s.numpy()[rows], stats.labels()[rows], ks=(k,),
-                                                       sample_weight=w)[metric]
+        f = lambda s, rows, w=None: M.topk_accuracy(s.numpy()[rows], stats.labels()[rows], ks=(k,),  # noqa: E731
+                                                    sample_weight=w)[metric]
+        # a mean over images: (per image values of all N, their mean on rows) -- what f gives, bit for bit
+        f.per_image = (lambda s: M.topk_hits(s.numpy(), stats.labels(), k),
+                       lambda v, rows, w=None: M.hit_rate(v[rows], *M._check_weights(w, int(rows.sum()))))
+        return f
     return lambda s, rows, w=None: _metrics(stats, s, rows, top_k, w, proto, score_kind)[metric]
 
 
@@ -471,19 +475,27 @@ def _cross_validate(stats: Stats, grid: list[tuple[float, float]], rows: np.ndar
     ``metric_fold(chosen) - metric_fold(baseline)``, and the interval resamples the images of each fold.
     """
     per_fold, deltas, boots = [], [], []
+    split = getattr(primary, "per_image", None)
+    if split is not None:  # a mean over images: one ranking per grid point serves every fold
+        per_image, value = split
+        points = [per_image(_sc(stats, lam, t)) for lam, t in grid]
+        base = per_image(_sc(stats, 0.0))
+    else:
+        value, points, base = primary, [None] * len(grid), _sc(stats, 0.0)
     for f, fold in enumerate(_folds(rows, k, seed)):
         train = rows.copy()
         train[fold] = False
-        vals = [primary(_sc(stats, lam, t), train, None) for lam, t in grid]
-        lam, t = grid[_argbest(vals, grid)]
+        vals = [value(p if split else _sc(stats, lam, t), train, None) for p, (lam, t) in zip(points, grid)]
+        g = _argbest(vals, grid)
+        lam, t = grid[g]
         per_fold.append((lam, t))
         test = np.zeros_like(rows)
         test[fold] = True
-        chosen, base = _sc(stats, lam, t), _sc(stats, 0.0)
-        deltas.append(float(primary(chosen, test, None)) - float(primary(base, test, None)))
+        chosen = points[g] if split else _sc(stats, lam, t)
+        deltas.append(float(value(chosen, test, None)) - float(value(base, test, None)))
         if reps > 0:
             w = M.bootstrap_weights(len(fold), reps, seed + 1 + f)
-            boots.append(np.asarray(primary(chosen, test, w)) - np.asarray(primary(base, test, w)))
+            boots.append(np.asarray(value(chosen, test, w)) - np.asarray(value(base, test, w)))
     ci = (math.nan, math.nan)
     if boots:
         lo, hi = np.nanpercentile(np.mean(boots, axis=0), [2.5, 97.5])

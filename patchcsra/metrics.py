@@ -467,15 +467,22 @@ def topk_accuracy(scores: ArrayLike, labels: ArrayLike, ks: Sequence[int] = (1, 
     kk = [_check_k(k, "ks") for k in ks]
     w, batched = _check_weights(sample_weight, n)
     rank = _label_rank(s, y)
-    out: dict[str, Metric] = {}
-    for k in kk:
-        hit = (rank < min(k, c)).astype(np.float64)
-        if w is None:
-            out[f"top{k}"] = 100.0 * float(hit.mean())
-        else:
-            acc = 100.0 * _safe_div(w @ hit, w.sum(axis=1, dtype=np.float64), np.nan)
-            out[f"top{k}"] = _out(acc, batched)
-    return out
+    return {f"top{k}": hit_rate((rank < min(k, c)).astype(np.float64), w, batched) for k in kk}
+
+
+def topk_hits(scores: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """``(N,)`` float64, 1.0 where the label of a row of ``scores`` ``(N, C)`` is within its top ``k`` (ties as in
+    :func:`topk_accuracy`). Top-k accuracy is a mean over images, so any subset's value is
+    ``hit_rate(hits[rows])``: cross-validation scores every fold from one ranking per grid point."""
+    return (_label_rank(scores, labels) < min(int(k), scores.shape[1])).astype(np.float64)
+
+
+def hit_rate(hit: np.ndarray, w: Optional[np.ndarray] = None, batched: bool = False) -> Metric:
+    """``100 * mean(hit)`` (``w`` ``None``), else the weighted mean per row of ``w`` ``(R, N)``: an ``(R,)``
+    array when ``batched``, else a float. NaN where a row's weights sum to 0."""
+    if w is None:
+        return 100.0 * float(hit.mean())
+    return _out(100.0 * _safe_div(w @ hit, w.sum(axis=1, dtype=np.float64), np.nan), batched)
 
 
 # ----------------------------------------------------------------------------- bootstrap

@@ -169,3 +169,50 @@ def test_train_head_curve_has_title_legend_and_whole_epochs(tmp_path, monkeypatc
     ticks = [t for t in ax.get_xticks() if 1 <= t <= 3]
     assert ticks and all(float(t).is_integer() for t in ticks)
     assert (tmp_path / "curve.png").stat().st_size > 0
+
+
+def test_plot_worker_draws_the_same_bytes_and_falls_back_when_its_child_fails(tmp_path, monkeypatch):
+    """The curve drawn by the worker process (what the CLI uses) equals, byte for byte, the one drawn in this
+    process; a child that died, could not start or cannot unpickle still leaves a complete figure (drawn here);
+    the worker imports no torch."""
+    import subprocess
+    import sys
+
+    import patchcsra.plot_worker as W
+
+    res, s, ref = _run(tmp_path, formats=("png", "svg"))
+    plain = json.loads((ref / "summary.json").read_text())
+    with W.PlotWorker() as w:
+        assert w._proc is not None
+        w.submit(res.frame, s, tmp_path / "w.png", ("png", "svg"))()
+    assert (tmp_path / "w.png").read_bytes() == (ref / "curve.png").read_bytes()
+    def ids_out(svg):  # matplotlib salts its SVG ids with a random uuid per process (rcParams svg.hashsalt)
+        return re.sub(rb"\b[a-z][0-9a-f]{10}\b", b"ID", svg)
+
+    assert ids_out((tmp_path / "w.svg").read_bytes()) == ids_out((ref / "curve.svg").read_bytes())
+
+    drawn_here = []
+    import patchcsra.figures as F  # the fallback: figures.plot_curve, looked up at submit time
+
+    real_plot = F.plot_curve
+
+    def spy(*a, **k):
+        drawn_here.append(a[2])
+        return real_plot(*a, **k)
+
+    monkeypatch.setattr(F, "plot_curve", spy)
+    w = W.PlotWorker()  # the child dies before it is handed the figure
+    w._proc.kill()
+    w._proc.wait()
+    w.submit(res.frame, plain, tmp_path / "dead.png")()
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-python"))
+    w = W.PlotWorker()  # the child cannot start
+    assert w._proc is None
+    w.submit(res.frame, plain, tmp_path / "none.png")()
+    assert drawn_here == [str(tmp_path / "dead.png"), str(tmp_path / "none.png")]
+    for name in ("dead.png", "none.png"):
+        assert (tmp_path / name).read_bytes() == (ref / "curve.png").read_bytes()
+    monkeypatch.undo()
+    probe = "import sys, patchcsra.plot_worker, patchcsra.figures; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"

@@ -130,9 +130,47 @@ def test_cached_resweep_imports_neither_torchvision_nor_timm(tmp_path, what):
     probe = ("import sys, runpy; sys.argv = ['patchcsra', 'sweep-lambda'] + sys.argv[1:]\n"
              "try:\n    runpy.run_module('patchcsra', run_name='__main__')\nexcept SystemExit:\n    pass\n"
              f"print('IMPORTED' if {what!r} in sys.modules else 'CLEAN', file=sys.stderr)\n")
-    got = subprocess.run([sys.executable, "-c", probe, *args, "--out", str(tmp_path / "r1")], env=env,
-                         capture_output=True, text=True)
+    got = subprocess.run([sys.executable, "-c", probe, *args, "--out", str(tmp_path / "r1")],
+                         env={**env, "PATCHCSRA_FULL_EXIT": "1"}, capture_output=True, text=True)
     assert got.returncode == 0, got.stderr
     assert "pass: 0 forward" in got.stdout + got.stderr
     assert got.stderr.strip().splitlines()[-1] == "CLEAN", got.stderr
     assert (tmp_path / "r1" / "results.csv").read_bytes() == (tmp_path / "r0" / "results.csv").read_bytes()
+
+
+def test_fast_exit_keeps_status_output_threads_and_atexit(tmp_path):
+    """The console entry point ends through os._exit: the status, everything written to stdout/stderr (also into
+    a pipe), a non-daemon thread's work and the atexit handlers all survive; ``sys.exit("msg")`` gives 1."""
+    import subprocess
+    from pathlib import Path
+
+    mark = tmp_path / "atexit.txt"
+    done = tmp_path / "thread.txt"
+    script = (
+        "import atexit, sys, threading, time, typer\n"
+        "import patchcsra.cli as cli\n"
+        f"atexit.register(lambda: open({str(mark)!r}, 'w').write('ran'))\n"
+        "def slow():\n"
+        f"    time.sleep(0.3); open({str(done)!r}, 'w').write('done')\n"
+        "app = typer.Typer()\n"
+        "@app.command()\n"
+        "def go(code: int = 0, msg: str = ''):\n"
+        "    threading.Thread(target=slow).start()\n"
+        "    sys.stdout.write('x' * 200000)\n"
+        "    sys.stderr.write('to stderr')\n"
+        "    if msg: sys.exit(msg)\n"
+        "    raise typer.Exit(code)\n"
+        "cli.app = app\n"
+        "cli.main()\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    env.pop("PATCHCSRA_FULL_EXIT", None)
+    for args, status in ((["--code", "0"], 0), (["--code", "3"], 3), (["--msg", "boom"], 1)):
+        mark.unlink(missing_ok=True)
+        done.unlink(missing_ok=True)
+        got = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True)
+        assert got.returncode == status, got.stderr
+        assert len(got.stdout) == 200000
+        assert got.stderr.startswith("to stderr")
+        assert ("boom" in got.stderr) == (status == 1)
+        assert mark.read_text() == "ran" and done.read_text() == "done"

@@ -85,6 +85,28 @@ def sweep_lambda(
                                                 "appended when FILE exists)", rich_help_panel=OUTPUT),
 ) -> None:
     """Sweep λ (and T) over a dataset in one forward pass; write a Table-1 report."""
+    with _plot_worker() as plotter:
+        _sweep(**locals())
+
+
+def _plot_worker():
+    """A process that imports matplotlib now and draws the curve at the end (patchcsra.plot_worker), when a
+    second core is free and this process is the one that writes (not a torchrun rank > 0)."""
+    import contextlib
+    import os
+
+    from ..plot_worker import PlotWorker, worth_it
+
+    if int(os.environ.get("RANK", "0") or 0) != 0 or not worth_it():
+        return contextlib.nullcontext()
+    return PlotWorker()
+
+
+def _sweep(*, plotter, source, data, out_dir, split, data_format, lams, temperatures, fixed_lam, metric, protocol,
+           score_kind, folds, bootstrap, seed, class_map, class_reduce, class_names, difficult, skip_bad, max_pixels,
+           limit, img_size, input_size, crop_pct, interpolation, mean, std, batch_size, workers, device, amp,
+           amp_dtype, channels_last, cache_dir, no_cache, save_interval, verify_cache, arch, weights, num_classes,
+           pretrained, trust, ema, force, as_json, formats, results_file) -> None:
     from .. import dist
     from ..api import default_cache_dir, sweep_lambda as run_sweep
     from ..options import CollectOptions, DEFAULT_LAMS, SweepOptions
@@ -138,7 +160,7 @@ def sweep_lambda(
                             limit=limit, protocol=protocol, scores=score_kind)
         if run is None:  # another torchrun rank wrote nothing; rank 0 writes the run
             return
-        run.write(out_dir, force=force, formats=fig_formats)
+        run.write(out_dir, force=force, formats=fig_formats, plotter=plotter)
         if results_file is not None:
             from ..report import append_results_file
 

@@ -136,6 +136,9 @@ def open_folder(path: Path, split: Optional[str] = None, *, difficult: str = "ig
     if empty:
         _logger.warning("%s: class folders without images: %s", root, ", ".join(empty[:5]))
     files = tuple(Path(p) for p, _ in samples)
+    prefix = os.path.join(os.path.expanduser(os.fspath(root)), "")  # what make_dataset's paths start with
+    ids = tuple(p[len(prefix):].replace(os.sep, "/") if p.startswith(prefix) else Path(p).relative_to(root).as_posix()
+                for p, _ in samples)
     labels = np.fromiter((c for _, c in samples), dtype=np.int64, count=len(samples))
     targets = np.zeros((len(samples), len(names)), dtype=np.int8)
     targets[np.arange(len(samples)), labels] = 1
@@ -143,7 +146,7 @@ def open_folder(path: Path, split: Optional[str] = None, *, difficult: str = "ig
     name = top if split is None or split in top else f"{top}-{split}"
     return ImageDataset(
         name=name, format="folder", root=root, split=split, classes=names, files=files,
-        ids=tuple(f.relative_to(root).as_posix() for f in files), targets=targets, single_label=True)
+        ids=ids, targets=targets, single_label=True)
 
 
 register_format("folder", detect=detect_folder, open=open_folder, priority=40)

@@ -144,6 +144,20 @@ elif target == "plot_curve":
         die(half=path)
 
     R.plot_curve = plot
+    import patchcsra.plot_worker as W  # the CLI draws the curve in a worker process: the kill lands the same
+
+    real_submit = W.PlotWorker.submit
+
+    def submit(self, frame, summary, path, *args, **kwargs):
+        snapshot()
+        wait = real_submit(self, frame, summary, path, *args, **kwargs)
+
+        def killed():
+            wait()
+            die(half=path)
+        return killed
+
+    W.PlotWorker.submit = submit
 elif target == "rmtree":
     import shutil
 
