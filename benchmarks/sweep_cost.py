@@ -131,7 +131,7 @@ def _cached(a, data: Path) -> bool:
                          check=True, capture_output=True, text=True)
     phases = json.loads(got.stdout.strip().splitlines()[-1])
     summary = json.loads((tmp / "run1" / "summary.json").read_text())
-    forward = (summary.get("pass") or {}).get("forward_images")
+    forward = (summary.get("collect") or {}).get("forward_images")
     best = min(walls)
     print(f"cached re-sweep: {summary['images']['scored']} images, forward passes {forward}, 21 λ x 4 T, bootstrap "
           f"{summary['settings']['bootstrap']}, {summary['settings']['folds']}-fold CV "

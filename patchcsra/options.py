@@ -124,8 +124,12 @@ class CollectOptions:
     save_every: int = 1024
     save_interval: float = 30.0
     verify_cache: bool = False
+    store_above: Optional[int] = None  # bytes of statistics above which a cached pass keeps them on disk
 
     def __post_init__(self) -> None:
+        if self.store_above is not None and (isinstance(self.store_above, bool) or
+                                             not isinstance(self.store_above, int) or self.store_above < 0):
+            raise _bad("store_above", self.store_above, "give bytes >= 0 (None: patchcsra.stats_disk's 2 GiB)")
         if not isinstance(self.verify_cache, bool):
             raise _bad("verify_cache", self.verify_cache, "give True or False")
         try:

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from .cache import (CacheEntry, alloc_rows, digest, guarded_write, mark_complete, row_shapes, save_part_or_give_up,
                     shard_name, usable_entry)
+from . import stats_disk as SD
 from .runtime import OOM_ERRORS, default_workers, resolve_amp, resolve_device
 from .errors import DatasetError, PatchCSRAError
 from .data.classes import check_class_reduce, class_groups
@@ -281,7 +282,13 @@ def _collect_single(p: _Plan, progress: Optional[Progress]) -> Stats:
     cache_dir = p.options.cache_dir
     entry = usable_entry(cache_dir, p.key, p.temps, p.temps_req, p.n, p.fingerprint) if cache_dir is not None else None
     temps = p.temps if entry is None else sorted(float(t) for t in entry.meta()["temperatures"])  # type: ignore[index]
-    data = alloc_rows(p.n, row_shapes(len(p.index), len(temps)))
+    shapes = row_shapes(len(p.index), len(temps))
+    on_disk = entry is not None and SD.use_store(p.n, len(p.index), len(temps), p.options.store_above)
+    if on_disk and not p.options.verify_cache and entry.meta().get("complete"):  # type: ignore[union-attr]
+        built = SD.open_built(entry, p.key, temps, _meta(p, entry, 0))  # type: ignore[arg-type]
+        if built is not None:
+            return built
+    data = SD.file_rows(entry, p.n, shapes) if on_disk else alloc_rows(p.n, shapes)  # type: ignore[arg-type]
     start = _reusable_rows(p, entry, data) if entry is not None else 0
     if start:
         _logger.info("resuming %s at image %d/%d", entry.path if entry else "", start, p.n)
@@ -290,6 +297,11 @@ def _collect_single(p: _Plan, progress: Optional[Progress]) -> Stats:
         used = _run(p, list(range(start, p.n)), temps, {k: v[start:] for k, v in data.items()}, entry, progress)
     if entry is not None:
         mark_complete(entry)
+    if on_disk:
+        ds = p.dataset
+        return SD.build_store(entry, p.key, data, temps, ids=tuple(ds.ids), classes=tuple(ds.classes),  # type: ignore[arg-type]
+                              single_label=bool(ds.single_label), targets=np.asarray(ds.targets, dtype=np.int8),
+                              meta=_meta(p, entry, p.n - start, used=used))
     return _stats(p, data, temps, entry, p.n - start, used=used)
 
 
@@ -329,16 +341,23 @@ def _reusable_rows(p: _Plan, entry: CacheEntry, data: dict[str, Tensor], rows: O
     return start
 
 
-def _stats(p: _Plan, data: dict[str, Tensor], temps: Sequence[float], entry: Optional[CacheEntry], forward_images: int,
-           world: int = 1, used: Optional[tuple[int, int]] = None) -> Stats:
-    """``used``: ``(batch size the pass ended at, out-of-memory retries)`` from :func:`_run`."""
-    ds = p.dataset
+def _meta(p: _Plan, entry: Optional[CacheEntry], forward_images: int, world: int = 1,
+          used: Optional[tuple[int, int]] = None) -> dict:
+    """The pass's record in ``Stats.meta``; ``used``: ``(batch size the pass ended at, out-of-memory retries)``."""
     meta = {"key": p.key, "data_fingerprint": p.data_fingerprint,
             "cache": str(entry.path) if entry is not None else None, "device": str(p.dev),
             "amp": str(p.amp_dtype).replace("torch.", "") if p.amp_dtype else "none",
             "forward_images": forward_images, "world_size": world}
     if used is not None:
         meta["batch_size"], meta["oom_retries"] = int(used[0]), int(used[1])
+    return meta
+
+
+def _stats(p: _Plan, data: dict[str, Tensor], temps: Sequence[float], entry: Optional[CacheEntry], forward_images: int,
+           world: int = 1, used: Optional[tuple[int, int]] = None) -> Stats:
+    """``used``: ``(batch size the pass ended at, out-of-memory retries)`` from :func:`_run`."""
+    ds = p.dataset
+    meta = _meta(p, entry, forward_images, world, used)
     return Stats(base=data["base"], max=data["max"], att=data["att"], temperatures=tuple(float(t) for t in temps),
                  targets=np.asarray(ds.targets, dtype=np.int8), ok=data["ok"].numpy().astype(bool),
                  ids=tuple(ds.ids), classes=tuple(ds.classes), single_label=bool(ds.single_label), meta=meta,

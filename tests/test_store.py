@@ -1,5 +1,7 @@
 """Statistics on disk (patchcsra.store), blocked evaluation (patchcsra.blocked) and sparse labels."""
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -201,3 +203,47 @@ def test_truncated_file_and_header_mismatch(tmp_path):
         open_stats(folder)
     with pytest.raises(PatchCSRAError, match=r"header\.json is missing"):
         open_stats(tmp_path)
+
+
+def test_collect_past_the_store_limit_keeps_stats_on_disk(tmp_path, caplog):
+    """A cached pass over the store limit fills row files, writes a class-major store in the cache entry and returns
+    it memory-mapped: every tensor equals the in-RAM pass bit for bit, and so do results.csv and per_class.csv; the
+    next pass opens the store with zero forward passes; a changed part makes it build the store again."""
+    from patchcsra.api import prepare, sweep_lambda
+    from patchcsra.options import CollectOptions
+    from patchcsra.stats import collect
+    from test_sweep import _folder, _tiny_model
+
+    data = _folder(tmp_path / "data", n_per_class=5)
+    model = _tiny_model()
+    ram = sweep_lambda(model, data, options=CollectOptions(batch_size=4, cache_dir=None))
+    disk_opts = CollectOptions(batch_size=4, save_every=4, cache_dir=tmp_path / "cache", store_above=0)
+    disk = sweep_lambda(model, data, options=disk_opts)
+    assert disk.stats.store is not None and ram.stats.store is None
+    entry = Path(disk.stats.meta["cache"])
+    assert (entry / "store" / "header.json").exists() and not (entry / "rows.tmp").exists()
+    for name in ("base", "max", "att", "avgmax"):
+        assert torch.equal(getattr(disk.stats, name).contiguous(), getattr(ram.stats, name).contiguous()), name
+    assert np.array_equal(np.asarray(disk.stats.targets), ram.stats.targets)
+    ram.write(tmp_path / "r_ram")
+    disk.write(tmp_path / "r_disk")
+    for f in ("results.csv", "per_class.csv"):
+        assert (tmp_path / "r_ram" / f).read_bytes() == (tmp_path / "r_disk" / f).read_bytes(), f
+    assert disk.stats.meta["forward_images"] == 15
+
+    prep = prepare(model, data)
+    again = collect(prep.patched, prep.dataset, class_index=prep.class_index, options=disk_opts,
+                    fingerprint={"source": "test"})
+    fresh = collect(prep.patched, prep.dataset, class_index=prep.class_index, options=disk_opts,
+                    fingerprint={"source": "test"})
+    assert fresh.store is not None and fresh.meta["forward_images"] == 0
+    assert fresh.store.folder == again.store.folder and torch.equal(fresh.base.contiguous(), again.base.contiguous())
+    built = (again.store.folder / "header.json").stat().st_mtime_ns
+    part = sorted(Path(again.meta["cache"]).glob("part-*.pt"))[0]
+    os.utime(part, ns=(part.stat().st_atime_ns, part.stat().st_mtime_ns + 10 ** 9))  # a part changed on disk
+    rebuilt = collect(prep.patched, prep.dataset, class_index=prep.class_index, options=disk_opts,
+                      fingerprint={"source": "test"})
+    assert (rebuilt.store.folder / "header.json").stat().st_mtime_ns != built
+    assert torch.equal(rebuilt.base.contiguous(), again.base.contiguous())
+    with pytest.raises(PatchCSRAError, match="store_above"):
+        CollectOptions(store_above=-1)
