@@ -54,10 +54,14 @@ def main() -> None:
     Runs the app, then ends the process the way the interpreter would -- non-daemon threads joined, ``atexit``
     handlers run (logging, multiprocessing children, coverage), streams flushed -- but skips the teardown of
     every module object, which costs 0.6-1 s once torch is imported (``benchmarks/sweep_cost.py``). Set
-    ``PATCHCSRA_FULL_EXIT=1`` for the interpreter's own exit.
+    ``PATCHCSRA_FULL_EXIT=1`` for the interpreter's own exit. At start-up it sets glibc's malloc thresholds for
+    a pass on the CPU (:mod:`patchcsra._malloc`; ``PATCHCSRA_MALLOC=system`` leaves them).
     """
     import os
 
+    from .._malloc import tune_malloc
+
+    tune_malloc()
     try:
         app()
         code: object = 0
