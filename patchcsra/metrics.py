@@ -482,6 +482,16 @@ def hit_rate(hit: np.ndarray, w: Optional[np.ndarray] = None, batched: bool = Fa
     array when ``batched``, else a float. NaN where a row's weights sum to 0."""
     if w is None:
         return 100.0 * float(hit.mean())
+    if w.dtype.kind in "iub" and hit.size and ((hit == 0) | (hit == 1)).all():
+        # integer counts (bootstrap) and 0/1 hits: the sums are exact integers either way, and summing the
+        # columns of the misses (or hits) is ~5x faster than casting (R, N) to float64 for w @ hit
+        total = w.sum(axis=1, dtype=np.int64)
+        miss = hit == 0
+        if 2 * int(miss.sum()) <= hit.size:
+            num = total - w[:, miss].sum(axis=1, dtype=np.int64)
+        else:
+            num = w[:, ~miss].sum(axis=1, dtype=np.int64)
+        return _out(100.0 * _safe_div(num.astype(np.float64), total.astype(np.float64), np.nan), batched)
     return _out(100.0 * _safe_div(w @ hit, w.sum(axis=1, dtype=np.float64), np.nan), batched)
 
 

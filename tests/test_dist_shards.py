@@ -135,16 +135,30 @@ def net():
 '''
 
 
-@pytest.mark.skip(reason="torchrun's restarted gloo workers time out in connectFullMesh on a loaded 2-core CI "
-                         "machine (passes when run alone); to be made robust")
+#: what torchrun's restarted gloo workers print when their mesh times out on a loaded machine (an infrastructure
+#: race of the restart, not of patchcsra); the test then starts again from scratch, up to three times
+GLOO_RESTART_RACE = ("connectFullMesh", "Connection reset by peer", "Timed out")
+
+
 def test_rank_killed_and_restarted_resumes_from_its_shard(one, tmp_path):
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    net = tmp_path / "crashing_net.py"
-    net.write_text(f"LOGS = {str(logs)!r}\n" + CRASHING_NET)
-    env = {**_env(), "PYTHONPATH": os.pathsep.join([str(REPO / "benchmarks"), str(HERE), str(REPO)])}
-    _run(_torchrun("--standalone", "--nproc-per-node", "2", "--max-restarts", "1")
-         + _args(tmp_path / "out", tmp_path / "cache", arch=f"{net}:net"), env=env)
+    for attempt in range(3):
+        work = tmp_path / f"try{attempt}"
+        logs = work / "logs"
+        logs.mkdir(parents=True)
+        net = work / "crashing_net.py"
+        net.write_text(f"LOGS = {str(logs)!r}\n" + CRASHING_NET)
+        env = {**_env(), "PYTHONPATH": os.pathsep.join([str(REPO / "benchmarks"), str(HERE), str(REPO)])}
+        r = subprocess.run(_torchrun("--standalone", "--nproc-per-node", "2", "--max-restarts", "1")
+                           + _args(work / "out", work / "cache", arch=f"{net}:net"), cwd=HERE, env=env,
+                           capture_output=True, text=True, timeout=600)
+        said = r.stdout + r.stderr
+        if r.returncode == 0 or not any(m in said for m in GLOO_RESTART_RACE):
+            break
+    else:
+        pytest.skip("torchrun's restarted gloo workers timed out connecting three times (a loaded machine): "
+                    + said[-300:])
+    assert r.returncode == 0, said[-3000:]
+    tmp_path = work
     assert (logs / "crashed").exists()
     done = {p.stem: len(p.read_text().split()) * 50 for p in logs.glob("r*-a*.txt")}
     assert done["r1-a0"] == 100  # two batches, then killed

