@@ -15,7 +15,6 @@ kernel needs it writes back, nothing is held in anonymous memory.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import shutil
 from typing import Any, Optional, Sequence
@@ -25,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .cache import CacheEntry
+from .errors import PatchCSRAError
 
 __all__ = ["STORE_ABOVE_BYTES", "stats_bytes", "use_store", "open_built", "file_rows", "build_store"]
 
@@ -56,9 +56,7 @@ def _parts_signature(entry: CacheEntry) -> str:
         h.update((entry.path / "meta.json").read_bytes())
     except OSError:
         return ""
-    for p in sorted(entry.path.rglob("part-*.pt")):
-        if ROWS_DIR in p.parts or STORE_DIR in p.relative_to(entry.path).parts:
-            continue
+    for p in sorted(entry.path.rglob("part-*.pt")):  # the store and the row files hold .bin files only
         try:
             st = p.stat()
         except OSError:
@@ -70,7 +68,6 @@ def _parts_signature(entry: CacheEntry) -> str:
 def open_built(entry: CacheEntry, key: str, temps: Sequence[float], meta: dict) -> Optional[Any]:
     """The entry's store as store-backed :class:`~patchcsra.stats.Stats` when it was built from the entry's
     current parts for this key and temperatures, with ``meta`` (this pass's record) as its meta; else None."""
-    from .errors import PatchCSRAError
     from .store import open_stats
 
     folder = entry.path / STORE_DIR
@@ -116,9 +113,8 @@ def build_store(entry: CacheEntry, key: str, data: dict[str, Tensor], temps: Seq
     with StatsWriter(folder, n, c, temps, avgmax=True, force=True) as w:
         for a in range(0, n, step):
             w.write_rows(a, {k: data[k][a:a + step].numpy() for k in ("base", "max", "att", "avgmax", "ok")})
-        w.flush()
         stats = w.finish(ids=ids, classes=classes, single_label=single_label, targets=targets,
-                         meta=json.loads(json.dumps({"built_from": built})))
+                         meta={"built_from": built})
     data.clear()  # the maps of the row files, before they go
     shutil.rmtree(entry.path / ROWS_DIR, ignore_errors=True)
     stats.meta = dict(meta)

@@ -85,8 +85,73 @@ def sweep_lambda(
                                                 "appended when FILE exists)", rich_help_panel=OUTPUT),
 ) -> None:
     """Sweep λ (and T) over a dataset in one forward pass; write a Table-1 report."""
-    with _plot_worker() as plotter:
-        _sweep(**locals())
+    with _plot_worker() as plotter:  # started first: it imports matplotlib while this process imports torch
+        from .. import dist
+        from ..api import default_cache_dir, sweep_lambda as run_sweep
+        from ..options import CollectOptions, DEFAULT_LAMS, SweepOptions
+
+        distributed = dist.init_from_env()
+        if distributed and device == "auto":
+            device = dist.local_device() or "cpu"
+        try:
+            check_out(out_dir, "--out", run_inputs(data, source, weights, class_map))
+            if out_dir.exists() and not force:
+                raise PatchCSRAError(f"--out {out_dir} exists; pass --force to overwrite it")
+            if out_dir.exists() or out_dir.is_symlink():  # before the pass: --force replaces only a run folder
+                from .._io import replaceable_dir
+                from ..report import RUN_FILES
+
+                replaceable_dir(out_dir, "--out", RUN_FILES)
+            from ..data.base import is_brace_pattern
+
+            if not data.exists() and not is_brace_pattern(data):  # shards-{000..009}.tar: webdataset's reader expands it
+                raise PatchCSRAError(f"--data {data} does not exist")
+            if difficult not in ("ignore", "positive"):
+                raise PatchCSRAError(f"--difficult {difficult!r}: choose ignore or positive")
+            amp = amp_choice(amp, amp_dtype)
+            from ..report import figure_paths
+
+            fig_formats = tuple(f.strip().lower() for f in formats.split(",") if f.strip()) or ("png",)
+            try:
+                figure_paths("curve.png", fig_formats)
+            except PatchCSRAError as e:
+                raise PatchCSRAError(f"--formats: {e}") from None
+            if results_file is not None:
+                from ..report import check_results_file
+
+                check_results_file(results_file, "--results-file")
+            grid = SweepOptions(lams=tuple(parse_floats(lams, "--lams") or DEFAULT_LAMS),
+                                temperatures=tuple(parse_floats(temperatures, "--temperatures") or ()),
+                                fixed_lam=None if fixed_lam is None else parse_float(fixed_lam, "--fixed-lam"),
+                                metric=metric, folds=folds, bootstrap=bootstrap, seed=seed)
+            tf = transform_overrides(img_size, input_size, crop_pct, interpolation, mean, std)
+            opts = CollectOptions(batch_size=batch_size, device=device, amp=amp, channels_last=channels_last,
+                                  workers=workers, cache_dir=None if no_cache else (cache_dir or default_cache_dir()),
+                                  verify_cache=verify_cache, save_interval=save_interval)
+            note = ("nothing was kept (--no-cache)" if opts.cache_dir is None else
+                    f"the images collected so far are in the stats cache {opts.cache_dir} (saved every "
+                    f"{opts.save_interval:g} s or {opts.save_every} images); run the same command again to resume")
+            with interruptible(note), _collect_progress(not dist.is_main()) as cb:
+                run = run_sweep(model_source(source, arch, weights, num_classes, pretrained, trust, ema), data, split=split,
+                                data_format=data_format, difficult=difficult, class_map=class_map, skip_bad=skip_bad,
+                                class_reduce=class_reduce, class_names=class_names,
+                                grid=grid, transform=tf, options=opts, progress=cb, max_pixels=max_pixels,
+                                limit=limit, protocol=protocol, scores=score_kind)
+            if run is None:  # another torchrun rank wrote nothing; rank 0 writes the run
+                return
+            run.write(out_dir, force=force, formats=fig_formats, plotter=plotter)
+            if results_file is not None:
+                from ..report import append_results_file
+
+                append_results_file(results_file, run.summary)
+        except (PatchCSRAError, OSError) as e:
+            fail(e)
+        _report(run.summary, out_dir, batch_size)
+        if results_file is not None:
+            err.print(f"added a row to {results_file}", highlight=False, soft_wrap=True)
+        if as_json:
+            emit_json(run.summary)
+
 
 
 def _plot_worker():
@@ -100,78 +165,6 @@ def _plot_worker():
     if int(os.environ.get("RANK", "0") or 0) != 0 or not worth_it():
         return contextlib.nullcontext()
     return PlotWorker()
-
-
-def _sweep(*, plotter, source, data, out_dir, split, data_format, lams, temperatures, fixed_lam, metric, protocol,
-           score_kind, folds, bootstrap, seed, class_map, class_reduce, class_names, difficult, skip_bad, max_pixels,
-           limit, img_size, input_size, crop_pct, interpolation, mean, std, batch_size, workers, device, amp,
-           amp_dtype, channels_last, cache_dir, no_cache, save_interval, verify_cache, arch, weights, num_classes,
-           pretrained, trust, ema, force, as_json, formats, results_file) -> None:
-    from .. import dist
-    from ..api import default_cache_dir, sweep_lambda as run_sweep
-    from ..options import CollectOptions, DEFAULT_LAMS, SweepOptions
-
-    distributed = dist.init_from_env()
-    if distributed and device == "auto":
-        device = dist.local_device() or "cpu"
-    try:
-        check_out(out_dir, "--out", run_inputs(data, source, weights, class_map))
-        if out_dir.exists() and not force:
-            raise PatchCSRAError(f"--out {out_dir} exists; pass --force to overwrite it")
-        if out_dir.exists() or out_dir.is_symlink():  # before the pass: --force replaces only a run folder
-            from .._io import replaceable_dir
-            from ..report import RUN_FILES
-
-            replaceable_dir(out_dir, "--out", RUN_FILES)
-        from ..data.base import is_brace_pattern
-
-        if not data.exists() and not is_brace_pattern(data):  # shards-{000..009}.tar: webdataset's reader expands it
-            raise PatchCSRAError(f"--data {data} does not exist")
-        if difficult not in ("ignore", "positive"):
-            raise PatchCSRAError(f"--difficult {difficult!r}: choose ignore or positive")
-        amp = amp_choice(amp, amp_dtype)
-        from ..report import figure_paths
-
-        fig_formats = tuple(f.strip().lower() for f in formats.split(",") if f.strip()) or ("png",)
-        try:
-            figure_paths("curve.png", fig_formats)
-        except PatchCSRAError as e:
-            raise PatchCSRAError(f"--formats: {e}") from None
-        if results_file is not None:
-            from ..report import check_results_file
-
-            check_results_file(results_file, "--results-file")
-        grid = SweepOptions(lams=tuple(parse_floats(lams, "--lams") or DEFAULT_LAMS),
-                            temperatures=tuple(parse_floats(temperatures, "--temperatures") or ()),
-                            fixed_lam=None if fixed_lam is None else parse_float(fixed_lam, "--fixed-lam"),
-                            metric=metric, folds=folds, bootstrap=bootstrap, seed=seed)
-        tf = transform_overrides(img_size, input_size, crop_pct, interpolation, mean, std)
-        opts = CollectOptions(batch_size=batch_size, device=device, amp=amp, channels_last=channels_last,
-                              workers=workers, cache_dir=None if no_cache else (cache_dir or default_cache_dir()),
-                              verify_cache=verify_cache, save_interval=save_interval)
-        note = ("nothing was kept (--no-cache)" if opts.cache_dir is None else
-                f"the images collected so far are in the stats cache {opts.cache_dir} (saved every "
-                f"{opts.save_interval:g} s or {opts.save_every} images); run the same command again to resume")
-        with interruptible(note), _collect_progress(not dist.is_main()) as cb:
-            run = run_sweep(model_source(source, arch, weights, num_classes, pretrained, trust, ema), data, split=split,
-                            data_format=data_format, difficult=difficult, class_map=class_map, skip_bad=skip_bad,
-                            class_reduce=class_reduce, class_names=class_names,
-                            grid=grid, transform=tf, options=opts, progress=cb, max_pixels=max_pixels,
-                            limit=limit, protocol=protocol, scores=score_kind)
-        if run is None:  # another torchrun rank wrote nothing; rank 0 writes the run
-            return
-        run.write(out_dir, force=force, formats=fig_formats, plotter=plotter)
-        if results_file is not None:
-            from ..report import append_results_file
-
-            append_results_file(results_file, run.summary)
-    except (PatchCSRAError, OSError) as e:
-        fail(e)
-    _report(run.summary, out_dir, batch_size)
-    if results_file is not None:
-        err.print(f"added a row to {results_file}", highlight=False, soft_wrap=True)
-    if as_json:
-        emit_json(run.summary)
 
 
 class _collect_progress:
