@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -148,9 +149,16 @@ def test_rank_killed_and_restarted_resumes_from_its_shard(one, tmp_path):
         net = work / "crashing_net.py"
         net.write_text(f"LOGS = {str(logs)!r}\n" + CRASHING_NET)
         env = {**_env(), "PYTHONPATH": os.pathsep.join([str(REPO / "benchmarks"), str(HERE), str(REPO)])}
-        r = subprocess.run(_torchrun("--standalone", "--nproc-per-node", "2", "--max-restarts", "1")
-                           + _args(work / "out", work / "cache", arch=f"{net}:net"), cwd=HERE, env=env,
-                           capture_output=True, text=True, timeout=600)
+        proc = subprocess.Popen(_torchrun("--standalone", "--nproc-per-node", "2", "--max-restarts", "1")
+                                + _args(work / "out", work / "cache", arch=f"{net}:net"), cwd=HERE, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=240)
+        except subprocess.TimeoutExpired:  # the restarted mesh hung instead of timing out: stop torchrun and ranks
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            err += "\nTimed out: the restarted ranks hung for 240 s"
+        r = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
         said = r.stdout + r.stderr
         if r.returncode == 0 or not any(m in said for m in GLOO_RESTART_RACE):
             break
