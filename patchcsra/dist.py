@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+import uuid
+from datetime import timedelta
 from typing import Any, Optional
 
 import torch
@@ -35,9 +38,56 @@ def init_from_env(backend: Optional[str] = None) -> bool:
     be = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if be == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=be)
+    store = _round_store(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
+    if store is None:
+        dist.init_process_group(backend=be)
+    else:
+        dist.init_process_group(backend=be, store=store, rank=int(os.environ["RANK"]),
+                                world_size=int(os.environ["WORLD_SIZE"]))
     _logger.info("rank %d/%d joined (%s)", dist.get_rank(), dist.get_world_size(), be)
     return True
+
+
+#: how long a rank waits for rank 0's store of this round (torch's default process-group timeout)
+_ROUND_TIMEOUT = timedelta(minutes=30)
+
+
+def _round_store(rank_: int, world: int, timeout: timedelta = _ROUND_TIMEOUT) -> Optional["dist.Store"]:
+    """A key-value store that lives for this torchrun round only, hosted by rank 0; None outside torchrun.
+
+    torchrun (``TORCHELASTIC_USE_AGENT_STORE``) hands every round of workers the agent's one TCPStore, and
+    ``init_process_group`` keys gloo's addresses in it the same way each round. After ``--max-restarts`` the
+    restarted ranks can read the dead ranks' addresses, so the new mesh times out ("Connection refused") or
+    hangs for the 30-minute default (torch 2.14.1: 4 of 6 restarts of 2 processes failed so). Here rank 0 starts a fresh
+    store on a free port and publishes ``port nonce`` in the agent's store; the other ranks connect and keep
+    only a store that holds that nonce, so a stale value (a dead port, or a reused one) is retried until
+    rank 0 of this round has published. Every address the mesh exchanges is then this round's.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    agent = dist.TCPStore(addr, port, is_master=False, timeout=timeout)
+    key = f"patchcsra/round-store/{os.environ.get('TORCHELASTIC_RUN_ID', '')}"
+    if rank_ == 0:
+        nonce = uuid.uuid4().hex
+        own = dist.TCPStore(addr, 0, world_size=None, is_master=True, timeout=timeout, wait_for_workers=False)
+        own.set("patchcsra/nonce", nonce)
+        agent.set(key, f"{own.port} {nonce}")
+        return own
+    deadline = time.monotonic() + timeout.total_seconds()
+    while True:
+        their_port, nonce = agent.get(key).decode().split()
+        try:
+            own = dist.TCPStore(addr, int(their_port), is_master=False, timeout=timedelta(seconds=5))
+            if own.get("patchcsra/nonce").decode() == nonce:
+                own.set_timeout(timeout)
+                return own
+        except (RuntimeError, ValueError):  # a dead rank 0's port (DistStoreError is a RuntimeError)
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"rank {rank_}: rank 0 of this torchrun round published no store in "
+                               f"{timeout.total_seconds():.0f} s (agent store {addr}:{port})")
+        time.sleep(0.2)
 
 
 def rank() -> int:

@@ -1,5 +1,9 @@
 import os
+import signal
+import subprocess
 import sys
+import tempfile
+import uuid
 import warnings
 from pathlib import Path
 
@@ -48,3 +52,43 @@ def image_folder(root: Path, n_classes: int, per_class: int, *, base: int = 200,
             arr[..., c % 3] = base - step * j
             Image.fromarray(arr).save(d / f"{j:02d}.png")
     return root
+
+
+def run_bounded(cmd: list, *, timeout: float, **kw) -> subprocess.CompletedProcess:
+    """``subprocess.run`` for process trees (torchrun and its ranks) that can never hang the suite.
+
+    Output goes to files, not pipes, so an orphaned grandchild holding a pipe cannot block the read; the tree is
+    marked through its environment, and on a timeout every process carrying the mark is SIGKILLed (torchrun
+    starts its ranks in sessions of their own, out of reach of ``killpg``) and the test fails with the output.
+    """
+    mark = uuid.uuid4().hex
+    env = {**kw.pop("env", os.environ), "PATCHCSRA_TEST_TREE": mark}
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True, **kw)
+        timed_out = False
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _kill_marked(mark, signal.SIGKILL)
+            proc.kill()
+            proc.wait()
+        finally:
+            _kill_marked(mark, signal.SIGKILL)  # ranks a finished torchrun left behind
+        out.seek(0), err.seek(0)
+        r = subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
+    if timed_out:
+        raise AssertionError(f"timed out after {timeout:.0f} s and killed: {' '.join(map(str, cmd[:6]))} ...\n"
+                             + r.stdout[-2000:] + r.stderr[-3000:])
+    return r
+
+
+def _kill_marked(mark: str, sig: int) -> None:
+    needle = f"PATCHCSRA_TEST_TREE={mark}".encode()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                if needle in (d / "environ").read_bytes().split(b"\0"):
+                    os.kill(int(d.name), sig)
+            except (OSError, ValueError):
+                pass

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from typer.testing import CliRunner
 from patchcsra import dist
 from patchcsra.cli import app
 
-from conftest import HERE, REPO, shared_path
+from conftest import HERE, REPO, run_bounded, shared_path
 
 runner = CliRunner()
 
@@ -39,9 +38,8 @@ def test_torchrun_two_gloo_processes_equal_one_process(tmp_path, monkeypatch):
     one = runner.invoke(app, _args(tmp_path / "one"))
     assert one.exit_code == 0, one.output
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                        "2", "-m", "patchcsra"] + _args(tmp_path / "two"), cwd=HERE, env=env, capture_output=True,
-                       text=True, timeout=300)
+    r = run_bounded([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                     "2", "-m", "patchcsra"] + _args(tmp_path / "two"), cwd=HERE, env=env, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     a = json.loads((tmp_path / "one" / "summary.json").read_text())
     b = json.loads((tmp_path / "two" / "summary.json").read_text())
@@ -56,3 +54,36 @@ def test_torchrun_two_gloo_processes_equal_one_process(tmp_path, monkeypatch):
         assert ca["score"] == pytest.approx(cb["score"], rel=1e-6) and ca["delta"] == pytest.approx(cb["delta"], abs=1e-4)
     assert a["baseline"] == pytest.approx(b["baseline"], rel=1e-6)
     assert (tmp_path / "one" / "table.md").read_text() == (tmp_path / "two" / "table.md").read_text()
+
+
+def test_round_store_is_none_outside_torchrun(monkeypatch):
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    assert dist._round_store(0, 2) is None
+
+
+def test_round_store_waits_past_a_dead_rounds_address(monkeypatch):
+    """A restarted rank that reads the last round's published store (a live port with the old nonce, or a dead
+    port) keeps waiting, and joins only the store rank 0 of its own round publishes."""
+    import threading
+    import time
+    from datetime import timedelta
+
+    import torch.distributed as tdist
+
+    agent = tdist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    old = tdist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    old.set("patchcsra/nonce", "last-round")
+    for k, v in {"TORCHELASTIC_USE_AGENT_STORE": "True", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": str(agent.port), "TORCHELASTIC_RUN_ID": "t"}.items():
+        monkeypatch.setenv(k, v)
+    agent.set("patchcsra/round-store/t", f"{old.port} last-round-but-other")  # the old nonce never matches
+    got: dict = {}
+    t = threading.Thread(target=lambda: got.update(store=dist._round_store(1, 2, timeout=timedelta(seconds=60))))
+    t.start()
+    time.sleep(1.5)
+    assert t.is_alive()  # the stale value is not taken
+    mine = dist._round_store(0, 2)
+    t.join(30)
+    assert not t.is_alive() and mine.port != old.port
+    mine.set("k", "this round")
+    assert got["store"].get("k") == b"this round"

@@ -1,5 +1,4 @@
 """Loading every kind of source, the generic fx/export adapter, and the refusal paths."""
-import os
 import pickle
 
 import pytest

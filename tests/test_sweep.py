@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 import patchcsra
 from patchcsra.cli import app
 from patchcsra.data import open_dataset, resolve_transform
-from patchcsra.errors import DatasetError, PatchCSRAError
+from patchcsra.errors import PatchCSRAError
 from patchcsra.stats import Stats, collect
 from patchcsra.grid import DEFAULT_LAMS, evaluate_grid, sweep
 

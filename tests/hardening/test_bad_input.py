@@ -12,9 +12,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import textwrap
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
