@@ -186,20 +186,19 @@ class CacheEntry:
 
     def _load_shards(self, out: dict[str, Tensor], world: int) -> int:
         """All rows from the ``world`` complete shards (row ``i`` from shard ``i % world``), or 0 when one of them
-        is missing, incomplete or changed (then every shard is dropped: the rows are computed again)."""
+        is missing, incomplete or changed (then every shard is dropped, ``out``'s rows are undefined and are
+        computed again). Each part is copied into its rows of ``out`` (RAM or row files): no shard is held whole."""
         n = int(out["base"].shape[0])
         for r in range(world):
-            rows = torch.arange(r, n, world)
+            rows = range(r, n, world)
             sub = CacheEntry(self.path / shard_name(world, r))
             m = sub.meta()
-            local = alloc_rows(len(rows), {k: (tuple(v.shape[1:]), v.dtype) for k, v in out.items()})
+            local = {k: v[r::world] for k, v in out.items()}  # strided views: the parts go straight into ``out``
             if m is None or not m.get("complete") or m.get("n") != len(rows) or sub.load_into(local) != len(rows):
                 _logger.warning("stats cache %s: shard %s is missing or incomplete; its images are computed again",
                                 self.path, sub.path.name)
                 self.drop_from(0)
                 return 0
-            for k in out:
-                out[k][rows] = local[k]
         return n
 
     def load_into(self, out: dict[str, Tensor]) -> int:

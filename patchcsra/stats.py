@@ -297,12 +297,20 @@ def _collect_single(p: _Plan, progress: Optional[Progress]) -> Stats:
         used = _run(p, list(range(start, p.n)), temps, {k: v[start:] for k, v in data.items()}, entry, progress)
     if entry is not None:
         mark_complete(entry)
-    if on_disk:
+    return _result(p, data, temps, entry, p.n - start, on_disk=on_disk, used=used)
+
+
+def _result(p: _Plan, data: dict[str, Tensor], temps: Sequence[float], entry: Optional[CacheEntry],
+            forward_images: int, world: int = 1, *, on_disk: bool, used: Optional[tuple[int, int]] = None) -> Stats:
+    """The pass's Stats: ``data`` as tensors in RAM, or (``on_disk``: ``data`` are the entry's row files) written as
+    the entry's class-major store and returned memory-mapped. Call it once the entry's parts are final: the store
+    records them, and a later pass reopens it while they are unchanged."""
+    if on_disk and entry is not None and not entry.broken:
         ds = p.dataset
-        return SD.build_store(entry, p.key, data, temps, ids=tuple(ds.ids), classes=tuple(ds.classes),  # type: ignore[arg-type]
+        return SD.build_store(entry, p.key, data, temps, ids=tuple(ds.ids), classes=tuple(ds.classes),
                               single_label=bool(ds.single_label), targets=np.asarray(ds.targets, dtype=np.int8),
-                              meta=_meta(p, entry, p.n - start, used=used))
-    return _stats(p, data, temps, entry, p.n - start, used=used)
+                              meta=_meta(p, entry, forward_images, world, used))
+    return _stats(p, data, temps, entry, forward_images, world, used)
 
 
 def _reusable_rows(p: _Plan, entry: CacheEntry, data: dict[str, Tensor], rows: Optional[Sequence[int]] = None) -> int:
@@ -381,10 +389,15 @@ def _collect_distributed(p: _Plan, progress: Optional[Progress]) -> Optional[Sta
     world, rank = dist.world_size(), dist.rank()
     if dist.is_main() and p.options.cache_dir is not None:
         entry = usable_entry(p.options.cache_dir, p.key, temps, p.temps_req, n, p.fingerprint)
+    ready: Optional[Stats] = None  # rank 0: a complete entry's statistics
     if entry is not None:
         temps = sorted(float(t) for t in entry.meta()["temperatures"])  # type: ignore[index]
-        if entry.done() == n:  # verified part by part; an image cached as unreadable is read again
-            cached = alloc_rows(n, row_shapes(len(p.index), len(temps)))
+        big = SD.use_store(n, len(p.index), len(temps), p.options.store_above)
+        if big and not p.options.verify_cache and entry.done() == n:
+            ready = SD.open_built(entry, p.key, temps, _meta(p, entry, 0, world))
+        if ready is None and entry.done() == n:  # verified part by part; an image cached as unreadable is read again
+            shapes = row_shapes(len(p.index), len(temps))
+            cached = SD.file_rows(entry, n, shapes) if big else alloc_rows(n, shapes)
             if entry.load_into(cached) != n or not bool(cached["ok"].all()):
                 cached = None
             elif p.options.verify_cache:
@@ -393,26 +406,32 @@ def _collect_distributed(p: _Plan, progress: Optional[Progress]) -> Optional[Sta
                     _logger.warning("stats cache %s does not match the images' bytes; every image is computed "
                                     "again", entry.path)
                     cached = None
-        if cached is None:
+            if cached is not None:
+                ready = _result(p, cached, temps, entry, 0, world, on_disk=big)
+        if ready is None:
             try:  # shards of another world size cannot be resumed by this one
                 entry.drop_shards(keep_world=world)
             except OSError:
                 entry.broken = True
     have = dist.broadcast(None if entry is None or entry.broken else
-                          (cached is not None, [str(t) for t in temps], str(entry.path)))
+                          (ready is not None, [str(t) for t in temps], str(entry.path)))
     if have is not None:
         temps = sorted(float(t) for t in have[1])
         if have[0]:
-            return _stats(p, cached, temps, entry, 0, world) if dist.is_main() else None  # type: ignore[arg-type]
+            return ready if dist.is_main() else None
     mine = dist.shard(n)
     shapes = row_shapes(len(p.index), len(temps))
-    part = alloc_rows(len(mine), shapes)
+    # past store_above (every rank knows N, C and the temperatures) a rank's rows and rank 0's whole pass live
+    # in row files of the cache entry, and rank 0 returns the entry's store, memory-mapped
+    big = have is not None and SD.use_store(n, len(p.index), len(temps), p.options.store_above)
     shard = None
     if have is not None:
         try:
             shard = CacheEntry(Path(have[2])).shard(world, rank, len(mine))
         except (OSError, PatchCSRAError) as e:
             _logger.warning("rank %d: stats cache shard cannot be used (%s); its rows are sent to rank 0", rank, e)
+    part_files = big and shard is not None
+    part = SD.file_rows(shard, len(mine), shapes) if part_files else alloc_rows(len(mine), shapes)  # type: ignore[arg-type]
     start = _reusable_rows(p, shard, part, rows=mine) if shard is not None else 0
     if start:
         _logger.info("rank %d resumes its shard %s at %d/%d", rank, shard.path if shard else "", start, len(mine))
@@ -428,13 +447,14 @@ def _collect_distributed(p: _Plan, progress: Optional[Progress]) -> Optional[Sta
     loaded: set[int] = set()
     need: Optional[list[int]] = None
     data: dict[str, Tensor] = {}
-    if dist.is_main():
-        data = alloc_rows(n, shapes)
+    if dist.is_main():  # the whole pass on rank 0: in RAM, or in the entry's row files past store_above
+        big = big and entry is not None and not entry.broken
+        data = SD.file_rows(entry, n, shapes) if big else alloc_rows(n, shapes)  # type: ignore[arg-type]
         _scatter(data, mine, part)  # rank 0's own rows are in memory
         for r, (disk, _) in enumerate(sent):  # type: ignore[arg-type]
             if r != rank and disk:
-                try:  # one shard in memory at a time, straight into its rows
-                    _scatter(data, list(range(r, n, world)), _read_shard(Path(have[2]), world, r, shapes))  # type: ignore[index]
+                try:  # part by part, straight into its rows (strided views of ``data``)
+                    _read_shard(Path(have[2]), world, r, {k: v[r::world] for k, v in data.items()})  # type: ignore[index]
                     loaded.add(r)
                 except (OSError, PatchCSRAError) as e:
                     _logger.warning("rank %d's stats cache shard cannot be read on rank 0 (%s); its rows are sent "
@@ -442,6 +462,8 @@ def _collect_distributed(p: _Plan, progress: Optional[Progress]) -> Optional[Sta
         need = [r for r in range(world) if r != rank and r not in loaded]
     need = dist.broadcast(need)
     extra = dist.gather_to_main((mine, part) if rank in need else None)  # rows that are not on a disk rank 0 reads
+    if part_files:
+        SD.drop_rows(shard, part)  # type: ignore[arg-type]  # the rows are in the shard's parts (and on rank 0 in ``data``)
     if not dist.is_main():
         return None
     for r in need:
@@ -452,7 +474,7 @@ def _collect_distributed(p: _Plan, progress: Optional[Progress]) -> Optional[Sta
         else:  # some rows are not in shards rank 0 can read: keep the whole pass as one plain entry
             _finish_plain(p, entry, data)
     total = sum(f for _, f in sent)  # type: ignore[misc]
-    return _stats(p, data, temps, entry, total, world, used=used)
+    return _result(p, data, temps, entry, total, world, on_disk=big, used=used)
 
 
 def _scatter(data: dict[str, Tensor], rows: Sequence[int], got: dict[str, Tensor]) -> None:
@@ -463,15 +485,14 @@ def _scatter(data: dict[str, Tensor], rows: Sequence[int], got: dict[str, Tensor
             data[k][idx] = got[k]
 
 
-def _read_shard(path: Path, world: int, rank: int, shapes: dict) -> dict[str, Tensor]:
-    """Rank ``rank``'s complete shard of the entry at ``path``, read back from disk (verified part by part)."""
-    n_local = len(range(rank, int(CacheEntry(path).meta()["n"]), world))  # type: ignore[index]
-    out = alloc_rows(n_local, shapes)
+def _read_shard(path: Path, world: int, rank: int, out: dict[str, Tensor]) -> None:
+    """Read rank ``rank``'s complete shard of the entry at ``path`` into ``out`` (its rows, e.g. strided views of
+    the pass's rows), verified part by part."""
+    n_local = int(out["base"].shape[0])
     sub = CacheEntry(path / shard_name(world, rank))
     if sub.load_into(out) != n_local:
         raise PatchCSRAError(f"stats cache shard {sub.path} is incomplete after its rank finished; delete "
                              f"{path} and rerun")
-    return out
 
 
 def _finish_sharded(p: _Plan, entry: CacheEntry, world: int) -> None:

@@ -26,7 +26,7 @@ from torch import Tensor
 from .cache import CacheEntry
 from .errors import PatchCSRAError
 
-__all__ = ["STORE_ABOVE_BYTES", "stats_bytes", "use_store", "open_built", "file_rows", "build_store"]
+__all__ = ["STORE_ABOVE_BYTES", "stats_bytes", "use_store", "open_built", "file_rows", "drop_rows", "build_store"]
 
 _logger = logging.getLogger(__name__)
 
@@ -100,6 +100,12 @@ def file_rows(entry: CacheEntry, n: int, shapes: dict[str, tuple[tuple[int, ...]
     return out
 
 
+def drop_rows(entry: CacheEntry, data: dict[str, Tensor]) -> None:
+    """Forget the row files of :func:`file_rows` (``data``'s maps) and remove them from ``entry``."""
+    data.clear()  # the maps of the row files, before they go
+    shutil.rmtree(entry.path / ROWS_DIR, ignore_errors=True)
+
+
 def build_store(entry: CacheEntry, key: str, data: dict[str, Tensor], temps: Sequence[float], *, ids: Sequence[str],
                 classes: Sequence[str], single_label: bool, targets: np.ndarray, meta: dict) -> Any:
     """Write the row files ``data`` as the entry's class-major store, remove them, and return the store-backed
@@ -115,8 +121,7 @@ def build_store(entry: CacheEntry, key: str, data: dict[str, Tensor], temps: Seq
             w.write_rows(a, {k: data[k][a:a + step].numpy() for k in ("base", "max", "att", "avgmax", "ok")})
         stats = w.finish(ids=ids, classes=classes, single_label=single_label, targets=targets,
                          meta={"built_from": built})
-    data.clear()  # the maps of the row files, before they go
-    shutil.rmtree(entry.path / ROWS_DIR, ignore_errors=True)
+    drop_rows(entry, data)
     stats.meta = dict(meta)
     _logger.info("statistics of %d x %d kept on disk in %s (%.1f GB)", n, c, folder,
                  sum(f.stat().st_size for f in folder.iterdir() if f.is_file()) / 1e9)

@@ -218,3 +218,18 @@ def test_cli_message(msg, given, want):
     got = cli_message(msg, given)
     assert want in got, got
     assert "(CLI " not in got and "=True" not in got and "=False" not in got
+
+
+def test_store_above_reads_sizes_in_the_units_people_write():
+    from patchcsra.cli._common import parse_bytes
+    from patchcsra.errors import PatchCSRAError
+
+    assert parse_bytes(None, "--store-above") is None
+    assert parse_bytes("0", "--store-above") == 0
+    assert parse_bytes("2GiB", "--store-above") == 2 * 2 ** 30
+    assert parse_bytes("500MB", "--store-above") == 500 * 10 ** 6
+    assert parse_bytes(" 1.5 g ", "--store-above") == 1_500_000_000
+    assert parse_bytes("4096", "--store-above") == 4096
+    for bad in ("", "-1", "2 gallons", "GiB", "1..5g"):
+        with pytest.raises(PatchCSRAError, match="--store-above"):
+            parse_bytes(bad, "--store-above")

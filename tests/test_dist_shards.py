@@ -156,3 +156,26 @@ def test_rank_killed_and_restarted_resumes_from_its_shard(one, tmp_path):
     assert done["r1-a1"] == N // 2 - 100  # the restart resumed at its shard's saved rows
     # rank 0 was stopped by torchrun wherever it was (its counts depend on timing): only the bytes are checked
     assert (tmp_path / "out" / "results.csv").read_bytes() == (one / "out" / "results.csv").read_bytes()
+
+
+def test_past_the_store_limit_torchrun_ranks_and_rank_0_work_on_disk(one, tmp_path):
+    """With ``--store-above 0`` each rank fills row files of its shard and rank 0 the entry's, which become the
+    entry's class-major store: results.csv equals one process in RAM byte for byte, no row files stay behind, and
+    the next pass (one process or torchrun) opens that store with zero forward passes."""
+    disk = ["--store-above", "0"]
+    _run(_torchrun("--standalone", "--nproc-per-node", "2") + _args(tmp_path / "out", tmp_path / "cache") + disk)
+    assert (tmp_path / "out" / "results.csv").read_bytes() == (one / "out" / "results.csv").read_bytes()
+    entry = _entry(tmp_path / "cache")
+    assert (entry.path / "store" / "header.json").exists() and entry.shards() == 2
+    assert not list(entry.path.rglob("rows.tmp"))
+    s = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert s["collect"]["world_size"] == 2 and s["collect"]["forward_images"] == N
+    built = (entry.path / "store" / "header.json").stat().st_mtime_ns
+    r = _run([sys.executable, "-m", "patchcsra", *[a for a in _args(tmp_path / "again", tmp_path / "cache")
+                                                   if a != "-q"], *disk])
+    assert "pass: 0 forward" in r.stdout + r.stderr
+    _run(_torchrun("--standalone", "--nproc-per-node", "2") + _args(tmp_path / "third", tmp_path / "cache") + disk)
+    for run in ("again", "third"):
+        assert (tmp_path / run / "results.csv").read_bytes() == (one / "out" / "results.csv").read_bytes(), run
+    assert (entry.path / "store" / "header.json").stat().st_mtime_ns == built  # opened, never rebuilt
+    assert json.loads((tmp_path / "third" / "summary.json").read_text())["collect"]["forward_images"] == 0

@@ -230,6 +230,22 @@ def parse_float(text: str, name: str) -> float:
         raise PatchCSRAError(f"{name} {text!r} is not a number") from None
 
 
+_BYTE_UNITS = {"": 1, "b": 1, "k": 10 ** 3, "kb": 10 ** 3, "m": 10 ** 6, "mb": 10 ** 6, "g": 10 ** 9, "gb": 10 ** 9,
+               "t": 10 ** 12, "tb": 10 ** 12, "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
+
+
+def parse_bytes(text: Optional[str], name: str) -> Optional[int]:
+    """``"2GiB"``, ``"500MB"``, ``"1.5g"``, ``"0"`` -> bytes (None stays None)."""
+    if text is None:
+        return None
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", text.lower())
+    if m is None or m.group(2) not in _BYTE_UNITS:
+        raise PatchCSRAError(f"{name} {text!r}: give a size, e.g. 0, 500MB or 2GiB")
+    return int(float(m.group(1)) * _BYTE_UNITS[m.group(2)])
+
+
 def parse_floats(text: Optional[str], name: str) -> Optional[list[float]]:
     if text is None:
         return None

@@ -12,7 +12,7 @@ from ..options import DEFAULT_MAX_PIXELS
 from ._common import (GRID, OUTPUT, RUN, SOURCE_HELP, Arch, CropPct, Ema, Device, Force, ImgSize, InputSize,
                       Interpolation, Json, MaxPixels, Mean, NumClasses, Pretrained, Std, Trust, Weights, Workers,
                       amp_choice, check_out, done, emit_json, err, fail, interruptible, make_progress, model_source,
-                      parse_float, parse_floats, run_inputs, show, transform_overrides)
+                      parse_bytes, parse_float, parse_floats, run_inputs, show, transform_overrides)
 
 
 def sweep_lambda(
@@ -75,6 +75,10 @@ def sweep_lambda(
     verify_cache: bool = typer.Option(False, "--verify-cache", help="hash every byte of every image and compute "
                                       "again the images changed since they were cached (the cache key holds each "
                                       "file's size, mtime and sampled bytes)", rich_help_panel=RUN),
+    store_above: Optional[str] = typer.Option(None, "--store-above", metavar="SIZE", help="statistics larger than "
+                                              "this (4·N·C·(3+nT) bytes) are kept on disk in the stats cache, "
+                                              "memory-mapped, and evaluated in blocks of classes; 0: always "
+                                              "[default: 2GiB]", rich_help_panel=RUN),
     arch: Arch = None, weights: Weights = None, num_classes: NumClasses = None, pretrained: Pretrained = True,
     trust: Trust = False, ema: Ema = False, force: Force = False, as_json: Json = False,
     formats: str = typer.Option("png", "--formats", help="comma-separated figure formats of the curve: png, pdf, "
@@ -120,6 +124,10 @@ def sweep_lambda(
                 from ..report import check_results_file
 
                 check_results_file(results_file, "--results-file")
+            store_bytes = parse_bytes(store_above, "--store-above")
+            if no_cache and store_bytes is not None:
+                raise PatchCSRAError("--store-above keeps the statistics in the stats cache, which --no-cache turns "
+                                     "off; drop one of them")
             grid = SweepOptions(lams=tuple(parse_floats(lams, "--lams") or DEFAULT_LAMS),
                                 temperatures=tuple(parse_floats(temperatures, "--temperatures") or ()),
                                 fixed_lam=None if fixed_lam is None else parse_float(fixed_lam, "--fixed-lam"),
@@ -127,7 +135,8 @@ def sweep_lambda(
             tf = transform_overrides(img_size, input_size, crop_pct, interpolation, mean, std)
             opts = CollectOptions(batch_size=batch_size, device=device, amp=amp, channels_last=channels_last,
                                   workers=workers, cache_dir=None if no_cache else (cache_dir or default_cache_dir()),
-                                  verify_cache=verify_cache, save_interval=save_interval)
+                                  verify_cache=verify_cache, save_interval=save_interval,
+                                  store_above=store_bytes)
             note = ("nothing was kept (--no-cache)" if opts.cache_dir is None else
                     f"the images collected so far are in the stats cache {opts.cache_dir} (saved every "
                     f"{opts.save_interval:g} s or {opts.save_every} images); run the same command again to resume")
