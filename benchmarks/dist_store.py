@@ -1,0 +1,162 @@
+"""Memory of a ``torchrun`` pass with the statistics in RAM against past the store limit (issue 19 §3-§4).
+
+``python benchmarks/dist_store.py`` starts ``torchrun --standalone --nproc-per-node W`` twice on the same synthetic
+problem (images generated in ``__getitem__``, a small GAP + Linear CNN with ``--classes`` outputs and 8x8
+locations, a stats cache in a temporary folder): once with the statistics in RAM (``store_above`` above their
+size) and once past the store limit (``store_above=0``: every rank fills row files of its shard, rank 0 copies the
+shards' parts into the entry's row files and returns the entry's store). Each rank samples its anonymous resident
+memory (``RssAnon`` in ``/proc/self/status``, every 10 ms; page-cache pages of the memory-mapped files are
+file-backed and reclaimable, so they are not counted) and rank 0 also writes a digest of the statistics and the
+mAP of the baseline.
+
+Prints both runs side by side. Exit 1 unless the statistics are equal and rank 0's peak anonymous memory on disk
+grew by at most half the statistics' size (in RAM it holds them whole).
+
+    python benchmarks/dist_store.py                         # 12,000 images x 1,000 classes x 3 T: 240 MB of statistics
+    python benchmarks/dist_store.py --images 2000 --classes 100   # a quick look
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def _rss_anon_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class _Peak:
+    """Samples RssAnon in a thread; ``.peak`` is the largest seen (MiB)."""
+
+    def __init__(self, every: float = 0.01):
+        self.base = self.peak = _rss_anon_mib()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, args=(every,), daemon=True)
+        self._t.start()
+
+    def _run(self, every: float) -> None:
+        while not self._stop.wait(every):
+            self.peak = max(self.peak, _rss_anon_mib())
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, _rss_anon_mib())
+        return self.peak
+
+
+def _worker(a: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+    from torch import nn
+
+    import patchcsra
+    from patchcsra import dist
+    from patchcsra.data.base import ImageDataset
+    from patchcsra.metrics import average_precision
+    from patchcsra.options import CollectOptions
+    from patchcsra.stats import collect
+
+    class Synthetic(ImageDataset):
+        def __getitem__(self, i):
+            g = torch.Generator().manual_seed(i)
+            return torch.randn(3, 32, 32, generator=g), i, True
+
+        def fingerprint(self) -> str:
+            return f"synthetic-{len(self)}-{a.classes}"
+
+    dist.init_from_env()
+    torch.set_num_threads(1)
+    n, c = a.images, a.classes
+    targets = (np.random.default_rng(0).random((n, c)) < 0.02).astype(np.int8)
+    ds = Synthetic(name="synthetic", format="manifest", root=".", split=None,
+                   classes=tuple(f"c{j}" for j in range(c)), files=tuple(f"{i}.jpg" for i in range(n)),
+                   ids=tuple(str(i) for i in range(n)), targets=targets, single_label=False)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1), nn.ReLU(), nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, c)).eval()
+    patched = patchcsra.patch(model, lam=0.0, input_size=(3, 32, 32))
+    opts = CollectOptions(batch_size=200, device="cpu", amp="none", workers=0, cache_dir=Path(a.cache),
+                          store_above=a.store_above, save_interval=1e9)
+    peak = _Peak()
+    t0 = time.perf_counter()
+    st = collect(patched, ds, temperatures=(1.0, 2.0, float("inf")), options=opts, fingerprint={"source": "bench"})
+    seconds = time.perf_counter() - t0
+    out = {"rank": dist.rank(), "seconds": seconds, "anon_base_mib": peak.base,
+           "anon_peak_mib": peak.stop()}  # before the digest below, which copies the statistics into RAM
+    if st is not None:  # rank 0
+        h = hashlib.blake2b(digest_size=12)
+        for name in ("base", "max", "att"):
+            h.update(np.ascontiguousarray(getattr(st, name).numpy()).tobytes())
+        out.update(digest=h.hexdigest(), store=st.store is not None,
+                   mAP=float(np.nanmean(average_precision(np.ascontiguousarray(st.base.numpy()), st.targets))),
+                   stats_mib=4 * n * c * (3 + 3) / 2 ** 20)
+    Path(a.report, f"r{dist.rank()}.json").write_text(json.dumps(out))
+    return 0
+
+
+def _launch(a: argparse.Namespace, store_above: int, work: Path) -> list[dict]:
+    report = work / "report"
+    report.mkdir(parents=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(a.world),
+           str(Path(__file__).resolve()), "--worker", "--images", str(a.images), "--classes", str(a.classes),
+           "--store-above", str(store_above), "--cache", str(work / "cache"), "--report", str(report)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)])}
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    if r.returncode != 0:
+        sys.exit(f"torchrun failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    return [json.loads((report / f"r{k}.json").read_text()) for k in range(a.world)]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--images", type=int, default=12_000)
+    p.add_argument("--classes", type=int, default=1_000)
+    p.add_argument("--world", type=int, default=2)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--store-above", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--cache", help=argparse.SUPPRESS)
+    p.add_argument("--report", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.worker:
+        return _worker(a)
+    runs = {}
+    with tempfile.TemporaryDirectory(prefix="patchcsra-dist-store-") as tmp:
+        for name, above in (("in RAM", 2 ** 62), ("on disk", 0)):
+            runs[name] = _launch(a, above, Path(tmp) / name.replace(" ", "-"))
+    stats_mib = runs["in RAM"][0]["stats_mib"]
+    print(f"torchrun x {a.world} (gloo, 1 thread each): {a.images:,} images x {a.classes:,} classes x 3 T, "
+          f"statistics {stats_mib:.0f} MiB float32")
+    print(f"{'':10} {'rank':>4} {'seconds':>8} {'RssAnon peak - start (MiB)':>28} {'store':>6} {'mAP':>8}")
+    for name, ranks in runs.items():
+        for r in ranks:
+            grow = r["anon_peak_mib"] - r["anon_base_mib"]
+            extra = (f"{str(r['store']):>6} {r['mAP']:8.3f}" if r["rank"] == 0 else "")
+            print(f"{name:10} {r['rank']:>4} {r['seconds']:8.1f} {grow:28.0f} {extra}")
+    ram, disk = runs["in RAM"][0], runs["on disk"][0]
+    equal = ram["digest"] == disk["digest"] and ram["mAP"] == disk["mAP"] and disk["store"] and not ram["store"]
+    grow_disk = disk["anon_peak_mib"] - disk["anon_base_mib"]
+    grow_ram = ram["anon_peak_mib"] - ram["anon_base_mib"]
+    ok = equal and grow_disk <= 0.5 * stats_mib
+    print(f"rank 0 grew by {grow_ram:.0f} MiB in RAM and {grow_disk:.0f} MiB on disk "
+          f"({grow_disk / stats_mib:.2f}x the statistics; target <= 0.5x): {'met' if ok else 'MISSED'}; "
+          f"statistics {'equal' if equal else 'DIFFER'} byte for byte")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
