@@ -24,31 +24,14 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=256)
     a = p.parse_args(argv)
 
-    import numpy as np
     import torch
-    from torch import nn
 
     import patchcsra
-    from patchcsra.data.base import ImageDataset
     from patchcsra.stats import DEFAULT_TEMPERATURES, collect
-
-    class Synthetic(ImageDataset):
-        def __getitem__(self, i):
-            g = torch.Generator().manual_seed(i)
-            return torch.randn(3, 32, 32, generator=g), i, True
-
-        def fingerprint(self) -> str:
-            return f"synthetic-{len(self)}"
+    from _synthetic import synthetic_problem
 
     n, c = a.images, a.classes
-    rng = np.random.default_rng(0)
-    targets = (rng.random((n, c)) < 0.04).astype(np.int8)
-    ds = Synthetic(name="synthetic-coco-sized", format="manifest", root=".", split=None,
-                   classes=tuple(f"c{j}" for j in range(c)), files=tuple(f"{i}.jpg" for i in range(n)),
-                   ids=tuple(str(i) for i in range(n)), targets=targets, single_label=False)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1), nn.ReLU(), nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, c)).eval()
+    ds, model = synthetic_problem(n, c, positives=0.04, name="synthetic-coco-sized")
     patched = patchcsra.patch(model, lam=0.0, input_size=(3, 32, 32))
     temps = tuple(DEFAULT_TEMPERATURES)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux reports KiB)

@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(HERE))
     from csra_overhead import main as overhead
 
-    d, (h, w) = headed.split.info.feature_dim, headed.split.info.grid
+    d, (h, _) = headed.split.info.feature_dim, headed.split.info.grid
     return overhead(["--no-model", "--batch", str(a.batch_size), "--dim", str(d), "--grid", str(h),
                      "--classes", str(len(ds.classes)), "--devices", "cpu"])
 
