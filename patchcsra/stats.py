@@ -189,6 +189,11 @@ def collect(patched: PatchedClassifier, dataset, *, temperatures: Sequence[float
               class_reduce)
     from . import dist
 
+    if p.options.cache_dir is None and SD.use_store(p.n, len(p.index), len(p.temps), p.options.store_above):
+        _logger.warning("the statistics of this pass (%.1f GB: %d images x %d classes x %d temperatures) are held in "
+                        "RAM because there is no stats cache; give a stats cache (drop --no-cache) to keep them on "
+                        "disk", SD.stats_bytes(p.n, len(p.index), len(p.temps)) / 1e9, p.n, len(p.index),
+                        len(p.temps))
     if dist.world_size() > 1:
         return _collect_distributed(p, progress)
     return _collect_single(p, progress)

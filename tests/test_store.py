@@ -247,3 +247,20 @@ def test_collect_past_the_store_limit_keeps_stats_on_disk(tmp_path, caplog):
     assert torch.equal(rebuilt.base.contiguous(), again.base.contiguous())
     with pytest.raises(PatchCSRAError, match="store_above"):
         CollectOptions(store_above=-1)
+
+
+def test_a_pass_over_the_store_limit_without_a_cache_says_it_stays_in_ram(tmp_path, caplog):
+    from patchcsra.api import sweep_lambda
+    from patchcsra.options import CollectOptions
+    from test_sweep import _folder, _tiny_model
+
+    data = _folder(tmp_path / "data", n_per_class=2)
+    with caplog.at_level("WARNING"):
+        run = sweep_lambda(_tiny_model(), data, options=CollectOptions(batch_size=4, cache_dir=None, store_above=0))
+    assert run.stats.store is None
+    said = [r.getMessage() for r in caplog.records if "held in RAM" in r.getMessage()]
+    assert len(said) == 1 and "drop --no-cache" in said[0]
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        sweep_lambda(_tiny_model(), data, options=CollectOptions(batch_size=4, cache_dir=None))  # under the limit
+    assert not [r for r in caplog.records if "held in RAM" in r.getMessage()]
