@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from .cache import (CacheEntry, alloc_rows, digest, guarded_write, mark_complete, row_shapes, save_part_or_give_up,
                     shard_name, usable_entry)
 from . import stats_disk as SD
+from ._io import describe_os_error
 from .runtime import OOM_ERRORS, default_workers, resolve_amp, resolve_device
 from .errors import DatasetError, PatchCSRAError
 from .data.classes import check_class_reduce, class_groups
@@ -312,9 +313,13 @@ def _result(p: _Plan, data: dict[str, Tensor], temps: Sequence[float], entry: Op
     records them, and a later pass reopens it while they are unchanged."""
     if on_disk and entry is not None and not entry.broken:
         ds = p.dataset
-        return SD.build_store(entry, p.key, data, temps, ids=tuple(ds.ids), classes=tuple(ds.classes),
-                              single_label=bool(ds.single_label), targets=np.asarray(ds.targets, dtype=np.int8),
-                              meta=_meta(p, entry, forward_images, world, used))
+        try:
+            return SD.build_store(entry, p.key, data, temps, ids=tuple(ds.ids), classes=tuple(ds.classes),
+                                  single_label=bool(ds.single_label), targets=np.asarray(ds.targets, dtype=np.int8),
+                                  meta=_meta(p, entry, forward_images, world, used))
+        except OSError as e:  # e.g. no room for the store: the row files hold the same values, memory-mapped
+            _logger.warning("stats store in %s cannot be written (%s); the sweep reads the statistics from its row "
+                            "files instead", entry.path, describe_os_error(e))
     return _stats(p, data, temps, entry, forward_images, world, used)
 
 

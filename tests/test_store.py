@@ -264,3 +264,27 @@ def test_a_pass_over_the_store_limit_without_a_cache_says_it_stays_in_ram(tmp_pa
     with caplog.at_level("WARNING"):
         sweep_lambda(_tiny_model(), data, options=CollectOptions(batch_size=4, cache_dir=None))  # under the limit
     assert not [r for r in caplog.records if "held in RAM" in r.getMessage()]
+
+
+def test_no_room_for_the_store_reads_the_row_files_instead(tmp_path, caplog, monkeypatch):
+    """The store cannot be written (ENOSPC): one warning, and the sweep runs on the row files' values, equal to RAM."""
+    import errno
+
+    from patchcsra import stats_disk
+    from patchcsra.api import sweep_lambda
+    from patchcsra.options import CollectOptions
+    from test_sweep import _folder, _tiny_model
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "cache"))
+
+    data = _folder(tmp_path / "data", n_per_class=3)
+    ram = sweep_lambda(_tiny_model(), data, options=CollectOptions(batch_size=4, cache_dir=None))
+    monkeypatch.setattr(stats_disk, "build_store", full)
+    with caplog.at_level("WARNING"):
+        disk = sweep_lambda(_tiny_model(), data, options=CollectOptions(batch_size=4, cache_dir=tmp_path / "cache",
+                                                                        store_above=0))
+    assert disk.stats.store is None
+    assert [r for r in caplog.records if "cannot be written" in r.getMessage() and "ENOSPC" in r.getMessage()]
+    for name in ("base", "max", "att"):
+        assert torch.equal(getattr(disk.stats, name), getattr(ram.stats, name)), name
