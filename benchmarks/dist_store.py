@@ -70,6 +70,7 @@ def _worker(a: argparse.Namespace) -> int:
     from patchcsra.metrics import average_precision
     from patchcsra.options import CollectOptions
     from patchcsra.stats import collect
+    from patchcsra.stats_disk import stats_bytes
     from _synthetic import synthetic_problem
 
     dist.init_from_env()
@@ -91,7 +92,7 @@ def _worker(a: argparse.Namespace) -> int:
             h.update(np.ascontiguousarray(getattr(st, name).numpy()).tobytes())
         out.update(digest=h.hexdigest(), store=st.store is not None,
                    mAP=float(np.nanmean(average_precision(np.ascontiguousarray(st.base.numpy()), st.targets))),
-                   stats_mib=4 * n * c * (3 + 3) / 2 ** 20)
+                   stats_mib=stats_bytes(n, c, 3) / 2 ** 20)
     Path(a.report, f"r{dist.rank()}.json").write_text(json.dumps(out))
     return 0
 

@@ -38,12 +38,12 @@ def init_from_env(backend: Optional[str] = None) -> bool:
     be = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if be == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    store = _round_store(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
+    rank_ = int(os.environ["RANK"])
+    store = _round_store(rank_)
     if store is None:
         dist.init_process_group(backend=be)
     else:
-        dist.init_process_group(backend=be, store=store, rank=int(os.environ["RANK"]),
-                                world_size=int(os.environ["WORLD_SIZE"]))
+        dist.init_process_group(backend=be, store=store, rank=rank_, world_size=int(os.environ["WORLD_SIZE"]))
     _logger.info("rank %d/%d joined (%s)", dist.get_rank(), dist.get_world_size(), be)
     return True
 
@@ -52,14 +52,14 @@ def init_from_env(backend: Optional[str] = None) -> bool:
 _ROUND_TIMEOUT = timedelta(minutes=30)
 
 
-def _round_store(rank_: int, world: int, timeout: timedelta = _ROUND_TIMEOUT) -> Optional["dist.Store"]:
+def _round_store(rank_: int, timeout: timedelta = _ROUND_TIMEOUT) -> Optional["dist.Store"]:
     """A key-value store that lives for this torchrun round only, hosted by rank 0; None outside torchrun.
 
     torchrun (``TORCHELASTIC_USE_AGENT_STORE``) hands every round of workers the agent's one TCPStore, and
     ``init_process_group`` keys gloo's addresses in it the same way each round. After ``--max-restarts`` the
     restarted ranks can read the dead ranks' addresses, so the new mesh times out ("Connection refused") or
-    hangs for the 30-minute default (torch 2.14.1: 4 of 6 restarts of 2 processes failed so). Here rank 0 starts a fresh
-    store on a free port and publishes ``port nonce`` in the agent's store; the other ranks connect and keep
+    hangs for the 30-minute default (torch 2.14.1: 4 of 6 restarts of 2 processes failed so). Here rank 0
+    starts a fresh store on a free port and publishes ``port nonce`` in the agent's store; the other ranks connect and keep
     only a store that holds that nonce, so a stale value (a dead port, or a reused one) is retried until
     rank 0 of this round has published. Every address the mesh exchanges is then this round's.
     """

@@ -190,7 +190,7 @@ def collect(patched: PatchedClassifier, dataset, *, temperatures: Sequence[float
               class_reduce)
     from . import dist
 
-    if p.options.cache_dir is None and SD.use_store(p.n, len(p.index), len(p.temps), p.options.store_above):
+    if p.options.cache_dir is None and p.past_store_limit(len(p.temps)):
         _logger.warning("the statistics of this pass (%.1f GB: %d images x %d classes x %d temperatures) are held in "
                         "RAM because there is no stats cache; give a stats cache (drop --no-cache) to keep them on "
                         "disk", SD.stats_bytes(p.n, len(p.index), len(p.temps)) / 1e9, p.n, len(p.index),
@@ -222,6 +222,10 @@ class _Plan:
     @property
     def n(self) -> int:
         return len(self.dataset)
+
+    def past_store_limit(self, n_temps: int) -> bool:
+        """Whether this pass's statistics (``N x C x (3 + n_temps)`` float32) exceed ``options.store_above``."""
+        return SD.use_store(self.n, len(self.index), n_temps, self.options.store_above)
 
 
 def _plan(patched: PatchedClassifier, dataset, temperatures: Sequence[float], class_index: Optional[Sequence[Any]],
@@ -289,7 +293,7 @@ def _collect_single(p: _Plan, progress: Optional[Progress]) -> Stats:
     entry = usable_entry(cache_dir, p.key, p.temps, p.temps_req, p.n, p.fingerprint) if cache_dir is not None else None
     temps = p.temps if entry is None else sorted(float(t) for t in entry.meta()["temperatures"])  # type: ignore[index]
     shapes = row_shapes(len(p.index), len(temps))
-    on_disk = entry is not None and SD.use_store(p.n, len(p.index), len(temps), p.options.store_above)
+    on_disk = entry is not None and p.past_store_limit(len(temps))
     if on_disk and not p.options.verify_cache and entry.meta().get("complete"):  # type: ignore[union-attr]
         built = SD.open_built(entry, p.key, temps, _meta(p, entry, 0))  # type: ignore[arg-type]
         if built is not None:
@@ -402,7 +406,7 @@ def _collect_distributed(p: _Plan, progress: Optional[Progress]) -> Optional[Sta
     ready: Optional[Stats] = None  # rank 0: a complete entry's statistics
     if entry is not None:
         temps = sorted(float(t) for t in entry.meta()["temperatures"])  # type: ignore[index]
-        big = SD.use_store(n, len(p.index), len(temps), p.options.store_above)
+        big = p.past_store_limit(len(temps))
         if big and not p.options.verify_cache and entry.done() == n:
             ready = SD.open_built(entry, p.key, temps, _meta(p, entry, 0, world))
         if ready is None and entry.done() == n:  # verified part by part; an image cached as unreadable is read again
@@ -433,7 +437,7 @@ def _collect_distributed(p: _Plan, progress: Optional[Progress]) -> Optional[Sta
     shapes = row_shapes(len(p.index), len(temps))
     # past store_above (every rank knows N, C and the temperatures) a rank's rows and rank 0's whole pass live
     # in row files of the cache entry, and rank 0 returns the entry's store, memory-mapped
-    big = have is not None and SD.use_store(n, len(p.index), len(temps), p.options.store_above)
+    big = have is not None and p.past_store_limit(len(temps))
     shard = None
     if have is not None:
         try:

@@ -70,11 +70,10 @@ def run_bounded(cmd: list, *, timeout: float, **kw) -> subprocess.CompletedProce
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             timed_out = True
-            _kill_marked(mark, signal.SIGKILL)
             proc.kill()
             proc.wait()
         finally:
-            _kill_marked(mark, signal.SIGKILL)  # ranks a finished torchrun left behind
+            _kill_marked(mark)  # the ranks of a killed torchrun, or those a finished one left behind
         out.seek(0), err.seek(0)
         r = subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
     if timed_out:
@@ -83,12 +82,13 @@ def run_bounded(cmd: list, *, timeout: float, **kw) -> subprocess.CompletedProce
     return r
 
 
-def _kill_marked(mark: str, sig: int) -> None:
+def _kill_marked(mark: str) -> None:
+    """SIGKILL every process whose environment holds ``PATCHCSRA_TEST_TREE=mark``."""
     needle = f"PATCHCSRA_TEST_TREE={mark}".encode()
     for d in Path("/proc").iterdir():
         if d.name.isdigit() and int(d.name) != os.getpid():
             try:
                 if needle in (d / "environ").read_bytes().split(b"\0"):
-                    os.kill(int(d.name), sig)
+                    os.kill(int(d.name), signal.SIGKILL)
             except (OSError, ValueError):
                 pass

@@ -58,7 +58,7 @@ def test_torchrun_two_gloo_processes_equal_one_process(tmp_path, monkeypatch):
 
 def test_round_store_is_none_outside_torchrun(monkeypatch):
     monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
-    assert dist._round_store(0, 2) is None
+    assert dist._round_store(0) is None
 
 
 def test_round_store_waits_past_a_dead_rounds_address(monkeypatch):
@@ -78,11 +78,11 @@ def test_round_store_waits_past_a_dead_rounds_address(monkeypatch):
         monkeypatch.setenv(k, v)
     agent.set("patchcsra/round-store/t", f"{old.port} last-round-but-other")  # the old nonce never matches
     got: dict = {}
-    t = threading.Thread(target=lambda: got.update(store=dist._round_store(1, 2, timeout=timedelta(seconds=60))))
+    t = threading.Thread(target=lambda: got.update(store=dist._round_store(1, timeout=timedelta(seconds=60))))
     t.start()
     time.sleep(1.5)
     assert t.is_alive()  # the stale value is not taken
-    mine = dist._round_store(0, 2)
+    mine = dist._round_store(0)
     t.join(30)
     assert not t.is_alive() and mine.port != old.port
     mine.set("k", "this round")

@@ -238,8 +238,6 @@ def parse_bytes(text: Optional[str], name: str) -> Optional[int]:
     """``"2GiB"``, ``"500MB"``, ``"1.5g"``, ``"0"`` -> bytes (None stays None)."""
     if text is None:
         return None
-    import re
-
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", text.lower())
     if m is None or m.group(2) not in _BYTE_UNITS:
         raise PatchCSRAError(f"{name} {text!r}: give a size, e.g. 0, 500MB or 2GiB")
